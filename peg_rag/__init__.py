@@ -1,0 +1,7 @@
+"""peg-rag: robust Chinese text embeddings, trained the PEG way, for RAG stacks."""
+
+from .encoder import PEGEncoder
+from .model_files import ModelNotFoundError
+
+__all__ = ["PEGEncoder", "ModelNotFoundError"]
+__version__ = "0.1.0"

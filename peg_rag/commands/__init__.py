@@ -1,0 +1,1 @@
+"""Subcommands of the ``peg-rag`` command line, one module each."""
