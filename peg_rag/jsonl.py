@@ -78,6 +78,19 @@ def text_list_field(
     return value
 
 
+def decode_line(line: str | bytes, where: Where) -> dict[str, Any]:
+    """Parse one JSONL line into a dict, or raise DataError naming where it is."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(where, f"invalid JSON ({exc.msg} at column {exc.colno})") from None
+    except UnicodeDecodeError:
+        raise DataError(where, "not valid UTF-8") from None
+    if not isinstance(record, dict):
+        raise DataError(where, f"expected a JSON object, got {type(record).__name__}")
+    return record
+
+
 def read_jsonl(
     path: str | Path,
     parse: Callable[[dict[str, Any], Where], T],
@@ -96,13 +109,7 @@ def read_jsonl(
                 continue
             where = Where(path, number)
             try:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(where, f"invalid JSON ({exc.msg} at column {exc.colno})") from None
-                if not isinstance(record, dict):
-                    raise DataError(where, f"expected a JSON object, got {type(record).__name__}")
-                yield parse(record, where)
+                yield parse(decode_line(line, where), where)
             except DataError as error:
                 if skipped is None:
                     raise
