@@ -1,0 +1,81 @@
+"""Evaluation on a tiny BEIR folder and a pairs file, through the library and the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from peg_rag.encoder import PEGEncoder
+from peg_rag.trainer.evaluate import evaluate_folder, pair_spearman
+
+DOCS = [
+    "医保报销需要准备身份证和医保卡",
+    "高血压患者要少吃盐多运动",
+    "故宫每天早上八点半开门",
+    "居住证可以在网上续签",
+    "糖尿病人少量吃西瓜没有问题",
+    "异地就医要先在网上备案",
+    "长城的慕田峪段适合徒步",
+    "个税汇算在六月底截止",
+]
+
+
+def write_beir(folder: Path, queries: dict[str, str], qrels: list[tuple[str, str, int]]) -> Path:
+    (folder / "qrels").mkdir(parents=True)
+    with (folder / "corpus.jsonl").open("w", encoding="utf-8") as handle:
+        for i, text in enumerate(DOCS):
+            handle.write(json.dumps({"_id": f"d{i}", "title": "", "text": text}) + "\n")
+    with (folder / "queries.jsonl").open("w", encoding="utf-8") as handle:
+        for qid, text in queries.items():
+            handle.write(json.dumps({"_id": qid, "text": text}, ensure_ascii=False) + "\n")
+    lines = ["query-id\tcorpus-id\tscore"] + [f"{q}\t{d}\t{g}" for q, d, g in qrels]
+    (folder / "qrels" / "test.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_model_dir):
+    return PEGEncoder.from_pretrained(tiny_model_dir, device="cpu", pooling="mean")
+
+
+def rank_of(encoder, query: str, doc: int) -> int:
+    """1-based rank of DOCS[doc] for ``query`` by brute force (ties to the lower index)."""
+    scores = encoder.encode(DOCS, "passage") @ encoder.encode([query], "query")[0]
+    return 1 + int((scores > scores[doc]).sum() + (scores[:doc] == scores[doc]).sum())
+
+
+def test_evaluate_folder_beir(tmp_path, encoder):
+    # q0 is d0's own text, so d0 ranks first; q1's relevant d3 ranks wherever the model says.
+    queries = {"q0": DOCS[0], "q1": "网上怎么办理", "q2": "没有被评判的问题"}
+    folder = write_beir(tmp_path / "tiny", queries, [("q0", "d0", 2), ("q1", "d3", 1)])
+    scores = evaluate_folder(encoder, folder)
+    rank = rank_of(encoder, queries["q1"], 3)
+    assert set(scores) == {"ndcg@10", "mrr@10", "recall@10", "recall@100"}
+    assert scores["mrr@10"] == pytest.approx((1 + 1 / rank) / 2)
+    assert scores["ndcg@10"] == pytest.approx((1 + 1 / np.log2(rank + 1)) / 2)
+    assert scores["recall@10"] == scores["recall@100"] == 1.0  # only 8 documents
+
+
+def test_evaluate_folder_rejects_unknown_query(tmp_path, encoder):
+    folder = write_beir(tmp_path / "bad", {"q0": DOCS[0]}, [("q0", "d0", 1), ("q9", "d1", 1)])
+    with pytest.raises(ValueError, match="lacks, e.g. \\['q9'\\]"):
+        evaluate_folder(encoder, folder)
+
+
+def test_pair_spearman_follows_cosine_order(tmp_path, encoder):
+    left, right = DOCS[:6], DOCS[2:8]
+    cosine = (encoder.encode(left, "query") * encoder.encode(right, "query")).sum(axis=1)
+    gold = np.argsort(np.argsort(cosine))  # gold grades in the same order as the cosines
+    folder = tmp_path / "sts"
+    folder.mkdir()
+    rows = ["s1\ts2\tscore"] + [f"{a}\t{b}\t{g}" for a, b, g in zip(left, right, gold, strict=True)]
+    (folder / "pairs.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    assert evaluate_folder(encoder, folder) == {"spearman": pytest.approx(1.0)}
+    rows = ["s1\ts2\tscore"] + [
+        f"{a}\t{b}\t{-g}" for a, b, g in zip(left, right, gold, strict=True)
+    ]
+    (folder / "pairs.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    assert pair_spearman(encoder, folder / "pairs.tsv") == pytest.approx(-1.0)
