@@ -1,0 +1,85 @@
+"""What the LlamaIndex and LangChain embedding classes share: loading and calling PEGEncoder."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from peg_rag.encoder import PEGEncoder
+
+DEFAULT_MODEL = "TownsWu/PEG"
+
+# PEGEncoder.from_pretrained options the wrappers expose as their own fields.
+LOAD_OPTIONS = (
+    "pooling",
+    "normalize",
+    "query_instruction",
+    "passage_instruction",
+    "max_length",
+    "device",
+    "dtype",
+    "trust_remote_code",
+    "quantize",
+)
+
+
+def load_encoder(
+    model_name: str, encoder: PEGEncoder | None, options: dict[str, Any]
+) -> PEGEncoder:
+    """Load ``model_name`` with ``options``, or take a ready ``encoder`` (then no options)."""
+    # None means "as the model files say"; trust_remote_code=False is the default too.
+    given = {
+        k: v
+        for k, v in options.items()
+        if v is not None and not (k == "trust_remote_code" and v is False)
+    }
+    if encoder is None:
+        return PEGEncoder.from_pretrained(model_name, **given)
+    if given:
+        raise ValueError(
+            f"pass either a ready encoder or loading options, not both (got {sorted(given)})"
+        )
+    return encoder
+
+
+def encoder_name(encoder: PEGEncoder) -> str:
+    """The hub id or path a loaded encoder's model came from ('' when unknown)."""
+    return str(getattr(encoder.model.config, "_name_or_path", "") or "")
+
+
+def encoder_options(encoder: PEGEncoder) -> dict[str, Any]:
+    """The loading options that reproduce a loaded encoder, for the wrappers' fields."""
+    settings = encoder.settings()
+    return {
+        "pooling": settings.pooling,
+        "normalize": settings.normalize,
+        "query_instruction": settings.query_prompt,
+        "passage_instruction": settings.passage_prompt,
+        "max_length": settings.max_length,
+        "device": str(encoder.device),
+        "dtype": str(next(encoder.model.parameters()).dtype).removeprefix("torch."),
+        "quantize": "int8" if encoder.quantized else None,
+    }
+
+
+class EncoderRunner:
+    """Calls one PEGEncoder from any thread, one batch at a time.
+
+    Async callers run these methods in worker threads; the lock keeps concurrent
+    batches from competing for the same cores and model.
+    """
+
+    def __init__(self, encoder: PEGEncoder) -> None:
+        self.encoder = encoder
+        self._lock = threading.Lock()
+
+    def queries(self, texts: Sequence[str], **options: Any) -> list[list[float]]:
+        """Query vectors as lists; ``options`` go to PEGEncoder.encode."""
+        with self._lock:
+            return self.encoder.encode_queries(texts, **options).tolist()
+
+    def passages(self, texts: Sequence[str], **options: Any) -> list[list[float]]:
+        """Passage vectors as lists; ``options`` go to PEGEncoder.encode."""
+        with self._lock:
+            return self.encoder.encode_passages(texts, **options).tolist()
