@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from peg_rag.cli import main
 from peg_rag.encoder import PEGEncoder
+from peg_rag.trainer.beir import load_pairs
 from peg_rag.trainer.evaluate import evaluate_folder, pair_spearman
 
 DOCS = [
@@ -78,4 +80,55 @@ def test_pair_spearman_follows_cosine_order(tmp_path, encoder):
         f"{a}\t{b}\t{-g}" for a, b, g in zip(left, right, gold, strict=True)
     ]
     (folder / "pairs.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
-    assert pair_spearman(encoder, folder / "pairs.tsv") == pytest.approx(-1.0)
+    assert pair_spearman(encoder, load_pairs(folder / "pairs.tsv")) == pytest.approx(-1.0)
+
+
+def test_cli_json_and_markdown(tmp_path, tiny_model_dir, capsys):
+    beir = write_beir(
+        tmp_path / "tiny-beir", {"q0": DOCS[0], "q1": DOCS[5]}, [("q0", "d0", 1), ("q1", "d5", 1)]
+    )
+    sts = tmp_path / "tiny-sts"
+    sts.mkdir()
+    (sts / "pairs.tsv").write_text(
+        "s1\ts2\tscore\n"
+        + "".join(
+            f"{a}\t{b}\t{i}\n" for i, (a, b) in enumerate(zip(DOCS[:4], DOCS[4:], strict=True))
+        ),
+        encoding="utf-8",
+    )
+    out, table = tmp_path / "results.json", tmp_path / "table.md"
+    argv = [
+        "eval",
+        str(beir),
+        str(sts / "pairs.tsv"),
+        "--model",
+        str(tiny_model_dir),
+        "--pooling",
+        "mean",
+        "--device",
+        "cpu",
+        "--output",
+        str(out),
+        "--markdown",
+        str(table),
+    ]
+    assert main(argv) == 0
+    report = json.loads(out.read_text(encoding="utf-8"))
+    assert report["scale"] == "fraction"
+    dense = report["results"]["tiny-beir"]["dense"]
+    assert dense == {"ndcg@10": 1.0, "mrr@10": 1.0, "recall@10": 1.0, "recall@100": 1.0}
+    rho = report["results"]["tiny-sts"]["dense"]["spearman"]
+    lines = table.read_text(encoding="utf-8").splitlines()
+    assert lines[0] == "| set | method | nDCG@10 | MRR@10 | Recall@10 | Recall@100 | Spearman |"
+    assert lines[2] == "| tiny-beir | dense | 100.00 | 100.00 | 100.00 | 100.00 |  |"
+    assert lines[3] == f"| tiny-sts | dense |  |  |  |  | {100 * rho:.2f} |"
+    assert capsys.readouterr().out.splitlines() == lines
+
+
+def test_cli_bad_input_fails_before_loading_the_model(tmp_path, capsys):
+    folder = write_beir(tmp_path / "bad", {"q0": DOCS[0]}, [("q0", "d0", 1)])
+    (folder / "queries.jsonl").write_text('{"_id": "q0"}\n', encoding="utf-8")
+    assert main(["eval", str(folder), "--model", str(tmp_path / "no-such-model")]) == 2
+    assert "queries.jsonl:1: field 'text': missing" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path), "--model", str(tmp_path / "no-such-model")]) == 2
+    assert "is not a BEIR folder" in capsys.readouterr().err

@@ -6,6 +6,7 @@ table of ``peg-rag eval`` multiplies by 100, the way C-MTEB reports.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -49,12 +50,19 @@ def dense_run(encoder, data: RetrievalSet, depth: int = RANK_DEPTH) -> dict[str,
     return {q: [doc_ids[i] for i in row] for q, row in zip(queries, ranked, strict=True)}
 
 
-def pair_spearman(encoder, path: str | Path) -> float:
+Pairs = tuple[list[str], list[str], list[float]]  # as load_pairs returns them
+EvalSet = RetrievalSet | Pairs
+Results = dict[str, dict[str, dict[str, float]]]  # set name -> method -> metric -> score
+
+RUNS = {"dense": dense_run}  # method -> function(encoder, data) -> run
+
+
+def pair_spearman(encoder, pairs: Pairs) -> float:
     """Spearman correlation between gold scores and the cosine of each pair's embeddings.
 
     Both sides are encoded as queries: a symmetric task, as E5-style models expect.
     """
-    left, right, gold = load_pairs(path)
+    left, right, gold = pairs
     a = encoder.encode(left, "query")
     b = encoder.encode(right, "query")
     cosine = (a * b).sum(axis=1) / np.maximum(
@@ -63,14 +71,81 @@ def pair_spearman(encoder, path: str | Path) -> float:
     return spearman(cosine, gold)
 
 
+def load_set(path: str | Path) -> EvalSet:
+    """Read a BEIR folder, or a sentence-pair set (folder holding pairs.tsv, or the file)."""
+    pairs = pairs_file(path)
+    return load_pairs(pairs) if pairs is not None else load_beir(path)
+
+
+def score_set(
+    encoder, data: EvalSet, methods: Sequence[str] = ("dense",)
+) -> dict[str, dict[str, float]]:
+    """Metrics of each method on one evaluation set: method -> metric -> fraction.
+
+    A retrieval set gives ``ndcg@10``, ``mrr@10``, ``recall@10`` and ``recall@100`` per
+    method; a sentence-pair set gives the dense ``spearman`` only, since lexical methods
+    do not score pairs.
+    """
+    unknown = [m for m in methods if m not in RUNS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(RUNS)}")
+    if not isinstance(data, RetrievalSet):
+        return {"dense": {"spearman": pair_spearman(encoder, data)}} if "dense" in methods else {}
+    return {m: retrieval_scores(RUNS[m](encoder, data), data.qrels) for m in methods}
+
+
 def evaluate_folder(encoder, folder: str | Path) -> dict[str, float]:
     """Dense metrics of ``encoder`` on one evaluation set, as fractions in [0, 1].
 
     A BEIR folder gives ``ndcg@10``, ``mrr@10``, ``recall@10`` and ``recall@100``; a folder
     holding ``pairs.tsv`` (or the .tsv file itself) gives ``spearman``.
     """
-    pairs = pairs_file(folder)
-    if pairs is not None:
-        return {"spearman": pair_spearman(encoder, pairs)}
-    data = load_beir(folder)
-    return retrieval_scores(dense_run(encoder, data), data.qrels)
+    return score_set(encoder, load_set(folder))["dense"]
+
+
+def set_name(path: str | Path) -> str:
+    """How a set is named in reports: its folder, or a loose .tsv file's stem."""
+    path = Path(path).resolve()
+    if path.name == "pairs.tsv":
+        return path.parent.name
+    return path.stem if path.suffix == ".tsv" else path.name
+
+
+def load_sets(paths: Sequence[str | Path]) -> dict[str, EvalSet]:
+    """Read every set up front, so bad input fails before any encoding, keyed by name.
+
+    A name shared by two paths falls back to the path as given.
+    """
+    sets: dict[str, EvalSet] = {}
+    for path in paths:
+        name = set_name(path)
+        sets[str(path) if name in sets else name] = load_set(path)
+    return sets
+
+
+def evaluate_sets(encoder, sets: dict[str, EvalSet], methods: Sequence[str]) -> Results:
+    """score_set for each named set."""
+    return {name: score_set(encoder, data, methods) for name, data in sets.items()}
+
+
+COLUMNS = {
+    "ndcg@10": "nDCG@10",
+    "mrr@10": "MRR@10",
+    "recall@10": "Recall@10",
+    "recall@100": "Recall@100",
+    "spearman": "Spearman",
+}
+
+
+def markdown_table(results: Results) -> str:
+    """One row per (set, method), scores x 100 with two decimals as C-MTEB reports them."""
+    used = [c for c in COLUMNS if any(c in m for r in results.values() for m in r.values())]
+    lines = [
+        "| set | method | " + " | ".join(COLUMNS[c] for c in used) + " |",
+        "|---|---|" + "---:|" * len(used),
+    ]
+    for name, by_method in results.items():
+        for method, scores in by_method.items():
+            cells = [f"{100 * scores[c]:.2f}" if c in scores else "" for c in used]
+            lines.append(f"| {name} | {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

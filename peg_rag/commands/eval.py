@@ -1,0 +1,53 @@
+"""``peg-rag eval``: retrieval metrics on BEIR folders and Spearman on sentence pairs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from .common import add_encoder_arguments, atomic_path, load_encoder
+
+METHODS = ("dense",)
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "eval",
+        help="evaluate a model on BEIR folders and sentence-pair files",
+        description="Score each PATH: a BEIR folder (corpus.jsonl, queries.jsonl, "
+        "qrels/test.tsv) gives nDCG@10, MRR@10, Recall@10 and Recall@100 per method; a "
+        "folder holding pairs.tsv (s1, s2, score), or such a .tsv file, gives the Spearman "
+        "correlation of the embeddings' cosine with the gold scores. The JSON holds "
+        "fractions in [0, 1]; the Markdown table shows them x 100, as C-MTEB reports.",
+    )
+    parser.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    parser.add_argument(
+        "--methods", nargs="+", choices=METHODS, default=["dense"], help="retrieval methods"
+    )
+    parser.add_argument("--output", type=Path, metavar="RESULTS.json", help="write JSON here")
+    parser.add_argument("--markdown", type=Path, metavar="TABLE.md", help="write the table here")
+    add_encoder_arguments(parser)
+    parser.set_defaults(run=run)
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = atomic_path(path)
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def run(args: argparse.Namespace) -> int:
+    from peg_rag.trainer.evaluate import evaluate_sets, load_sets, markdown_table
+
+    sets = load_sets(args.paths)  # bad input fails before the model loads
+    results = evaluate_sets(load_encoder(args), sets, args.methods)
+    table = markdown_table(results)
+    if args.output:
+        report = {"model": args.model, "scale": "fraction", "results": results}
+        _write(args.output, json.dumps(report, ensure_ascii=False, indent=2) + "\n")
+    if args.markdown:
+        _write(args.markdown, table)
+    print(table, end="")
+    return 0
