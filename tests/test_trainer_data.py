@@ -1,0 +1,181 @@
+"""Training data: validation, per-source batches, sampling, negatives, exact positions."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+from trainer_utils import make_records, write_lines
+
+from peg_rag.jsonl import DataError
+from peg_rag.trainer.data import TrainData, permute
+
+
+def data(paths, **kwargs) -> TrainData:
+    options = {"batch_size": 4, "hard_negatives": 2, "seed": 0, **kwargs}
+    return TrainData([str(p) for p in paths], **options)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 10, 64, 1000, 4097])
+def test_permute_is_a_bijection(n):
+    got = permute(np.arange(n), n, key=12345)
+    assert sorted(got.tolist()) == list(range(n))
+    if n > 10:
+        assert not np.array_equal(got, np.arange(n))  # actually shuffled
+        assert not np.array_equal(got, permute(np.arange(n), n, key=54321))  # keyed
+
+
+@pytest.mark.parametrize(
+    "line, field, message",
+    [
+        ('{"query": "问", "pos": ["答"]', None, "invalid JSON"),
+        ('["query"]', None, "expected a JSON object"),
+        ('{"pos": ["答"]}', "query", "missing"),
+        ('{"query": "问", "pos": []}', "pos", "at least 1"),
+        ('{"query": "问", "pos": "答"}', "pos", "expected a list"),
+        ('{"query": "问", "pos": ["答"], "neg": [3]}', "neg", "item 0"),
+        ('{"query": "问", "pos": ["答"], "source": 5}', "source", "expected a string"),
+        ('{"query": "问", "pos": ["答"], "prompt": ["x"]}', "prompt", "expected a string"),
+        ('{"query": "  ", "pos": ["答"]}', "query", "empty"),
+    ],
+)
+def test_bad_lines_name_file_line_and_field(tmp_path, line, field, message):
+    good = json.dumps(make_records(1)[0], ensure_ascii=False)
+    path = tmp_path / "train.jsonl"
+    path.write_text(f"{good}\n\n{line}\n{good}\n", encoding="utf-8")
+    with pytest.raises(DataError) as error:
+        data([path])
+    text = str(error.value)
+    assert f"{path}:3" in text and message in text
+    if field:
+        assert f"field {field!r}" in text
+
+
+def test_skip_bad_lines_counts_them(tmp_path, caplog):
+    records = [json.dumps(r, ensure_ascii=False) for r in make_records(6)]
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(records[:3] + ["not json", '{"query": 1}'] + records[3:]) + "\n")
+    loaded = data([path], skip_bad_lines=True)
+    assert loaded.total_lines == 6
+    assert loaded.index.skipped.count == 2
+    assert "skipped 2 bad lines" in caplog.text
+    loaded.close()
+
+
+def test_folders_files_and_sources(tmp_path):
+    write_lines(tmp_path / "a" / "x.jsonl", make_records(8, source="med"))
+    write_lines(tmp_path / "a" / "deeper" / "y.jsonl", make_records(5, source="fin"))
+    plain = write_lines(tmp_path / "plain.jsonl", make_records(3))  # no source field
+    loaded = data([tmp_path / "a", plain])
+    assert dict(zip(loaded.index.sources, loaded.index.sizes)) == {
+        "med": 8, "fin": 5, str(plain): 3,
+    }
+    loaded.close()
+    with pytest.raises(ValueError, match="no such file"):
+        data([tmp_path / "missing.jsonl"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no .jsonl files"):
+        data([tmp_path / "empty"])
+
+
+def test_every_batch_comes_from_one_source_in_proportion(tmp_path):
+    write_lines(tmp_path / "a.jsonl", make_records(300, source="big"))
+    write_lines(tmp_path / "b.jsonl", make_records(100, source="small"))
+    loaded = data([tmp_path])
+    state, counts = loaded.initial_state(), Counter()
+    lines = {"big": [], "small": []}
+    for _ in range(400):
+        batch, state = loaded.batch(state)
+        counts[batch.source] += 1
+        lines[batch.source].extend(batch.lines)
+    share = counts["big"] / 400
+    assert 0.68 < share < 0.82  # expected 0.75
+    # Each source is read as whole epochs in shuffled order: no line repeats within one.
+    assert len(set(lines["big"][:300])) == 300
+    assert lines["big"][:300] != sorted(lines["big"][:300])
+    # Source weights shift the proportions.
+    weighted = data([tmp_path], source_weights={"small": 9.0})
+    state, counts = weighted.initial_state(), Counter()
+    for _ in range(200):
+        batch, state = weighted.batch(state)
+        counts[batch.source] += 1
+    assert counts["small"] / 200 > 0.65  # expected 0.75
+    with pytest.raises(ValueError, match="unknown source"):
+        data([tmp_path], source_weights={"nope": 2.0})
+    loaded.close()
+    weighted.close()
+
+
+def test_negatives_come_from_neg_then_filled_from_the_same_source(tmp_path):
+    rich = make_records(10, source="rich", negatives=4)
+    poor = make_records(10, source="poor", negatives=1, tag="穷")
+    write_lines(tmp_path / "rich.jsonl", rich)
+    write_lines(tmp_path / "poor.jsonl", poor)
+    loaded = data([tmp_path], hard_negatives=3, batch_size=5)
+    by_query = {r["query"]: r for r in rich + poor}
+    state = loaded.initial_state()
+    seen = set()
+    for _ in range(12):
+        batch, state = loaded.batch(state)
+        seen.add(batch.source)
+        same_source_pos = {p for r in (rich if batch.source == "rich" else poor) for p in r["pos"]}
+        for query, positive, negatives in zip(batch.queries, batch.positives, batch.negatives):
+            record = by_query[query]
+            assert positive in record["pos"]
+            assert len(negatives) == 3 and len(set(negatives)) == 3
+            if batch.source == "rich":
+                assert set(negatives) <= set(record["neg"])
+            else:
+                assert record["neg"][0] in negatives
+                fills = set(negatives) - set(record["neg"])
+                assert fills <= same_source_pos - set(record["pos"])
+    assert seen == {"rich", "poor"}
+    loaded.close()
+
+
+def test_too_few_texts_to_fill_negatives_is_an_error(tmp_path):
+    write_lines(tmp_path / "t.jsonl", make_records(2, negatives=0))
+    loaded = data([tmp_path], hard_negatives=3, batch_size=2)
+    with pytest.raises(ValueError, match="too few distinct texts"):
+        loaded.batch(loaded.initial_state())
+    loaded.close()
+
+
+def test_batches_are_a_pure_function_of_the_position(tmp_path):
+    write_lines(tmp_path / "a.jsonl", make_records(23, source="a"))
+    write_lines(tmp_path / "b.jsonl", make_records(9, source="b"))
+    loaded = data([tmp_path], batch_size=5)
+    state, straight, states = loaded.initial_state(), [], []
+    for _ in range(15):
+        states.append(state)
+        batch, state = loaded.batch(state)
+        straight.append((batch.source, batch.queries, batch.negatives))
+    # Restart from a saved position (through JSON, as a checkpoint stores it).
+    again = data([tmp_path], batch_size=5)
+    position = json.loads(json.dumps(states[7]))
+    replay = []
+    for _ in range(8):
+        batch, position = again.batch(position)
+        replay.append((batch.source, batch.queries, batch.negatives))
+    assert replay == straight[7:]
+    # A different seed gives a different order.
+    other = data([tmp_path], batch_size=5, seed=1)
+    assert other.batch(other.initial_state())[0].queries != straight[0][1]
+    # The prefetching iterator yields the same sequence.
+    batches = loaded.batches(loaded.initial_state(), lambda b: b)
+    prefetched = [next(batches)[1].queries for _ in range(15)]
+    batches.close()
+    assert prefetched == [s[1] for s in straight]
+    for d in (loaded, again, other):
+        d.close()
+
+
+def test_index_holds_offsets_not_texts(tmp_path):
+    """Memory per line is one 8-byte entry, kept in a memory-mapped file."""
+    write_lines(tmp_path / "a.jsonl", make_records(50))
+    loaded = data([tmp_path])
+    entries = loaded.index._entries[0]
+    assert isinstance(entries, np.memmap) and entries.dtype == np.int64 and len(entries) == 50
+    loaded.close()

@@ -1,0 +1,76 @@
+"""Helpers shared by the trainer tests: small training files and reference computations."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from conftest import CHINESE_TEXTS
+from safetensors.torch import load_file
+
+from peg_rag.encoder import PEGEncoder
+
+
+def write_lines(path: Path, records: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), "utf-8")
+    return path
+
+
+def make_records(
+    count: int, source: str | None = None, negatives: int = 1, tag: str = ""
+) -> list[dict]:
+    """Distinct (query, positive, negatives) lines built from the shared Chinese texts."""
+    records = []
+    for i in range(count):
+        base = CHINESE_TEXTS[i % len(CHINESE_TEXTS)]
+        record = {
+            "query": f"{tag}{base}（问{i}）",
+            "pos": [f"{tag}答{i}：{CHINESE_TEXTS[(i + 1) % len(CHINESE_TEXTS)]}"],
+            "neg": [f"{tag}无关{i}-{k}：{CHINESE_TEXTS[(i + 3 + k) % 8]}" for k in range(negatives)],
+        }
+        if source:
+            record["source"] = source
+        records.append(record)
+    return records
+
+
+def load_encoder(model_dir: Path, **kwargs) -> PEGEncoder:
+    """The tiny model in training mode, fp32 on CPU, mean pooling (well-conditioned scores)."""
+    encoder = PEGEncoder.from_pretrained(
+        model_dir, dtype="float32", device="cpu", pooling="mean", **kwargs
+    )
+    encoder.model.train()
+    return encoder
+
+
+def gradients(model: torch.nn.Module) -> torch.Tensor:
+    """All parameter gradients as one flat vector (zeros where a parameter has none)."""
+    return torch.cat([
+        (p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+        for p in model.parameters()
+    ])
+
+
+def weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+def assert_close_vectors(actual: torch.Tensor, expected: torch.Tensor, rtol: float) -> None:
+    """allclose with rtol, plus an atol of rtol x the largest entry: float32 rounding noise on
+    entries that are mathematically ~0 has no relative scale of its own."""
+    atol = rtol * float(expected.abs().max())
+    assert torch.allclose(actual, expected, rtol=rtol, atol=atol), (
+        f"max abs difference {float((actual - expected).abs().max()):.3g}, atol {atol:.3g}"
+    )
+
+
+def reference_loss(q, c, pos, tau, mask=None, gamma=0.0, weighting=None):
+    """Unchunked weighted InfoNCE by autograd: sum_i w_i l_i / sum_i w_i, and the weights."""
+    logits = q @ c.T / tau
+    if mask is not None:
+        logits = logits.masked_fill(mask, float("-inf"))
+    log_p = logits.log_softmax(dim=1)[torch.arange(len(q)), pos]
+    w = torch.ones(len(q)) if weighting is None else weighting(log_p.exp().detach(), gamma)
+    return -(w * log_p).sum() / w.sum(), w

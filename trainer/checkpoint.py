@@ -1,0 +1,99 @@
+"""Atomic checkpoints: written to a temporary folder, then renamed into place.
+
+A checkpoint folder ``checkpoints/checkpoint-<step>`` holds accelerate's state (model,
+optimizer, scheduler, RNG of every process), the model in PEGEncoder/sentence-transformers
+format under ``model/``, and ``trainer_state.json`` (step, data position, best metric). A run
+killed while writing leaves only a ``.tmp-checkpoint-<step>`` folder, which resuming ignores
+and removes, so it continues from the previous complete checkpoint. Folders must be on a file
+system all processes share (the rename is what makes a checkpoint visible).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from peg_rag.encoder import PEGEncoder
+
+STATE_FILE = "trainer_state.json"
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    folder = output_dir / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if _NAME.match(p.name) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+
+
+def remove_partial(output_dir: Path) -> None:
+    """Delete what interrupted writes left behind."""
+    folder = output_dir / "checkpoints"
+    if folder.is_dir():
+        for path in folder.glob(".tmp-*"):
+            shutil.rmtree(path, ignore_errors=True)
+    for path in output_dir.glob(".tmp-old-*"):  # killed between the two renames below
+        target = path.with_name(path.name.removeprefix(".tmp-old-"))
+        if not target.exists():
+            os.rename(path, target)
+    for path in output_dir.glob(".tmp-*"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def save_checkpoint(
+    accelerator, encoder: PEGEncoder, output_dir: Path, step: int, state: dict[str, Any], keep: int
+) -> Path:
+    """Write checkpoint ``step`` atomically on all processes; keep the newest ``keep``."""
+    final = output_dir / "checkpoints" / f"checkpoint-{step}"
+    tmp = final.with_name(f".tmp-{final.name}")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    if accelerator.is_main_process:
+        encoder.save_pretrained(tmp / "model")
+        write_json(tmp / STATE_FILE, state)
+        if final.exists():  # the same step written again after a resume
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        for old in checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def save_model_atomically(encoder: PEGEncoder, target: Path) -> None:
+    """Replace ``target`` with the encoder's files, never leaving a half-written folder there."""
+    tmp = target.with_name(f".tmp-{target.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    encoder.save_pretrained(tmp)
+    old = target.with_name(f".tmp-old-{target.name}")
+    if target.exists():
+        os.rename(target, old)
+    os.rename(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Replace a file's content atomically."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, value: Any) -> None:
+    write_text(path, json.dumps(value, indent=2, ensure_ascii=False))
+
+
+def read_state(checkpoint: Path) -> dict[str, Any]:
+    path = checkpoint / STATE_FILE
+    if not path.is_file():
+        raise ValueError(f"{checkpoint} is not a complete checkpoint (no {STATE_FILE})")
+    return json.loads(path.read_text(encoding="utf-8"))

@@ -1,0 +1,351 @@
+"""Training data: FlagEmbedding-style JSONL read lazily, batched per source, resumable exactly.
+
+Each line is ``{"query": str, "pos": [str, ...], "neg": [str, ...]}`` plus optional ``task``,
+``source`` and ``prompt`` strings. ``prompt``, when present, replaces the model's query
+instruction for that line. Lines without ``source`` form one source per file (named by path).
+
+How it scales. Building the index streams every file once, validates every line and keeps only
+an 8-byte (file, byte offset) entry per line, spilled to a temporary file and memory-mapped, so
+resident memory does not grow with the data: 100M lines make an 800 MB index on disk that the OS
+pages in as needed. Texts are read with a seek when a batch needs them. Each source's order in
+an epoch is a keyed pseudo-random permutation computed on the fly (a Feistel network), not a
+stored array, so the data position is a few integers per source: (epoch, cursor). The batch of
+step t is a pure function of the seed, t and that position, which makes resume exact.
+
+Batches. Every batch comes from one source, drawn with probability proportional to
+``size * source_weights.get(source, 1)``. Each query gets one positive, drawn from ``pos``, and
+exactly ``hard_negatives`` negatives: drawn from ``neg`` without replacement, and, when ``neg``
+is short, filled with positives of other random lines of the same source (never a text equal
+to the query or one of its positives).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from array import array
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, TypeVar
+
+import numpy as np
+
+from peg_rag.jsonl import DataError, Skipped, Where, decode_line, text_field, text_list_field
+
+logger = logging.getLogger("peg_rag")
+T = TypeVar("T")
+_OFFSET_BITS = 40  # files up to 1 TiB; the file number goes in the bits above
+_FILL_TRIES = 50
+
+
+@dataclass(frozen=True)
+class Example:
+    """One validated training line."""
+
+    query: str
+    pos: list[str]
+    neg: list[str]
+    source: str | None = None
+    task: str | None = None
+    prompt: str | None = None
+
+
+def _optional_string(record: dict[str, Any], name: str, where: Where) -> str | None:
+    value = record.get(name)
+    if value is not None and not isinstance(value, str):
+        raise DataError(where, f"expected a string, got {type(value).__name__}", name)
+    return value
+
+
+def parse_example(record: dict[str, Any], where: Where) -> Example:
+    """Validate a training record; raise DataError naming the field otherwise."""
+    source = _optional_string(record, "source", where)
+    if source is not None and not source.strip():
+        raise DataError(where, "empty source name", "source")
+    return Example(
+        query=text_field(record, "query", where),
+        pos=text_list_field(record, "pos", where, min_items=1),
+        neg=text_list_field(record, "neg", where),
+        source=source,
+        task=_optional_string(record, "task", where),
+        prompt=_optional_string(record, "prompt", where),
+    )
+
+
+def find_files(paths: Sequence[str | Path]) -> list[Path]:
+    """Expand files and folders (searched recursively for ``*.jsonl``) into a file list."""
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*.jsonl") if p.is_file())
+            if not found:
+                raise ValueError(f"{path}: folder holds no .jsonl files")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise ValueError(f"{path}: no such file or folder")
+    return files
+
+
+def permute(index: np.ndarray, n: int, key: int) -> np.ndarray:
+    """Position ``index`` of a keyed pseudo-random permutation of ``range(n)``, in O(1) memory.
+
+    A 4-round Feistel network is a bijection on [0, 2**bits); applying it again to values that
+    land outside [0, n) ("cycle walking") restricts it to a bijection on [0, n).
+    """
+    if n <= 1:
+        return np.zeros(len(index), dtype=np.int64)
+    bits = max((n - 1).bit_length(), 2)
+    bits += bits % 2
+    half = np.uint64(bits // 2)
+    low = np.uint64((1 << (bits // 2)) - 1)
+    keys = np.random.SeedSequence(key).generate_state(4, dtype=np.uint64)
+    values = np.asarray(index, dtype=np.uint64).copy()
+    todo = np.arange(len(values))
+    while len(todo):
+        x = values[todo]
+        for round_key in keys:
+            left, right = x >> half, x & low
+            x = (right << half) | (left ^ (_mix(right ^ round_key) & low))
+        values[todo] = x
+        todo = todo[x >= n]
+    return values.astype(np.int64)
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """The splitmix64 finalizer: a cheap, well-mixing hash of uint64 values."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+class LineIndex:
+    """Where every valid line is, grouped by source; the lines themselves stay on disk."""
+
+    def __init__(self, files: Sequence[Path], *, skip_bad_lines: bool = False) -> None:
+        self.files = list(files)
+        self.skipped = Skipped()
+        self._dir = tempfile.TemporaryDirectory(prefix="peg-rag-index-")
+        spill: dict[str, array] = {}  # per source, entries not yet written to its spill file
+        counts: dict[str, int] = {}
+        for number, path in enumerate(self.files):
+            for source, offset in self._scan(path, skip_bad_lines):
+                if source not in spill:
+                    spill[source] = array("q")
+                    counts[source] = 0
+                spill[source].append(number << _OFFSET_BITS | offset)
+                counts[source] += 1
+                if len(spill[source]) >= 1 << 16:
+                    self._flush(list(spill).index(source), spill[source])
+        for number, entries in enumerate(spill.values()):
+            self._flush(number, entries)
+        self.skipped.report()
+        if not counts:
+            raise ValueError(f"no valid training lines in {', '.join(map(str, self.files))}")
+        first_seen = list(spill)
+        self.sources = sorted(counts)
+        self.sizes = [counts[s] for s in self.sources]
+        self._entries = [
+            np.memmap(self._spill_path(first_seen.index(s)), dtype=np.int64, mode="r")
+            for s in self.sources
+        ]
+        self._handles: dict[int, BinaryIO] = {}
+
+    def _spill_path(self, number: int) -> Path:
+        return Path(self._dir.name) / f"source-{number}.bin"
+
+    def _flush(self, number: int, entries: array) -> None:
+        with self._spill_path(number).open("ab") as handle:
+            entries.tofile(handle)
+        del entries[:]
+
+    def _scan(self, path: Path, skip_bad_lines: bool) -> Iterator[tuple[str, int]]:
+        if path.stat().st_size >= 1 << _OFFSET_BITS:
+            raise ValueError(f"{path}: files over 1 TiB are not supported; split it")
+        offset = 0
+        with path.open("rb") as handle:
+            for number, line in enumerate(handle, start=1):
+                start, offset = offset, offset + len(line)
+                if not line.strip():
+                    continue
+                where = Where(path, number)
+                try:
+                    example = parse_example(decode_line(line, where), where)
+                except DataError as error:
+                    if not skip_bad_lines:
+                        raise
+                    self.skipped.add(error)
+                    continue
+                yield example.source or str(path), start
+
+    def example(self, source: int, line: int) -> Example:
+        """Read line ``line`` (0-based, counting the source's valid lines) of source ``source``."""
+        packed = int(self._entries[source][line])
+        number, offset = packed >> _OFFSET_BITS, packed & ((1 << _OFFSET_BITS) - 1)
+        handle = self._handles.get(number)
+        if handle is None:
+            handle = self._handles[number] = self.files[number].open("rb")
+        handle.seek(offset)
+        where = Where(self.files[number], 0)
+        try:
+            return parse_example(decode_line(handle.readline(), where), where)
+        except DataError:
+            raise ValueError(
+                f"{self.files[number]}: the line at byte {offset} changed after the data was "
+                "indexed; do not edit training files while training"
+            ) from None
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
+        self._handles.clear()
+        self._entries.clear()
+        self._dir.cleanup()
+
+
+@dataclass
+class Batch:
+    """One global batch of texts, all from one source."""
+
+    source: str
+    queries: list[str]
+    prompts: list[str | None]
+    positives: list[str]
+    negatives: list[list[str]]
+    lines: list[int]  # line numbers within the source, for tracing the data order
+
+
+class TrainData:
+    """Per-source batches with sampled negatives; ``state`` is the exact data position."""
+
+    def __init__(
+        self,
+        paths: Sequence[str | Path],
+        *,
+        batch_size: int,
+        hard_negatives: int,
+        seed: int,
+        source_weights: dict[str, float] | None = None,
+        skip_bad_lines: bool = False,
+    ) -> None:
+        self.index = LineIndex(find_files(paths), skip_bad_lines=skip_bad_lines)
+        self.batch_size = batch_size
+        self.hard_negatives = hard_negatives
+        self.seed = seed
+        weights = dict(source_weights or {})
+        unknown = sorted(set(weights) - set(self.index.sources))
+        if unknown:
+            raise ValueError(
+                f"source_weights names unknown source(s) {', '.join(unknown)}; "
+                f"the data has {', '.join(self.index.sources)}"
+            )
+        mass = np.array(
+            [size * weights.get(s, 1.0) for s, size in zip(self.index.sources, self.index.sizes)]
+        )
+        self.probabilities = mass / mass.sum()
+        for source, size in zip(self.index.sources, self.index.sizes):
+            if size < batch_size:
+                logger.warning(
+                    "source %s has %d lines, fewer than batch_size=%d: its batches repeat lines",
+                    source, size, batch_size,
+                )
+
+    @property
+    def total_lines(self) -> int:
+        return sum(self.index.sizes)
+
+    def initial_state(self) -> dict[str, Any]:
+        return {"step": 0, "epoch": [0] * len(self.index.sources), "cursor": [0] * len(self.index.sources)}
+
+    def check_state(self, state: dict[str, Any]) -> None:
+        """Reject a saved position that does not belong to this data."""
+        count = len(self.index.sources)
+        if len(state.get("epoch", [])) != count or len(state.get("cursor", [])) != count:
+            raise ValueError(
+                "the checkpoint's data position does not match the training data "
+                f"({count} sources now); resume with the same --train paths"
+            )
+
+    def batch(self, state: dict[str, Any]) -> tuple[Batch, dict[str, Any]]:
+        """The batch at ``state`` and the state after it; pure, so resume replays exactly."""
+        rng = np.random.default_rng([self.seed, state["step"]])
+        source = int(rng.choice(len(self.index.sources), p=self.probabilities))
+        size = self.index.sizes[source]
+        epoch, cursor = state["epoch"][source], state["cursor"][source]
+        absolute = cursor + np.arange(self.batch_size)
+        epochs = epoch + absolute // size
+        lines = np.empty(self.batch_size, dtype=np.int64)
+        for e in np.unique(epochs):
+            where = epochs == e
+            lines[where] = permute(absolute[where] % size, size, self._key(source, int(e)))
+        end = cursor + self.batch_size
+        after = {
+            "step": state["step"] + 1,
+            "epoch": list(state["epoch"]),
+            "cursor": list(state["cursor"]),
+        }
+        after["epoch"][source] = epoch + end // size
+        after["cursor"][source] = end % size
+        queries, prompts, positives, negatives = [], [], [], []
+        for line in lines.tolist():
+            example = self.index.example(source, line)
+            queries.append(example.query)
+            prompts.append(example.prompt)
+            positives.append(example.pos[int(rng.integers(len(example.pos)))])
+            negatives.append(self._negatives(example, source, line, rng))
+        batch = Batch(
+            self.index.sources[source], queries, prompts, positives, negatives, lines.tolist()
+        )
+        return batch, after
+
+    def _key(self, source: int, epoch: int) -> int:
+        return int(np.random.SeedSequence([self.seed, source, epoch]).generate_state(1)[0])
+
+    def _negatives(
+        self, example: Example, source: int, line: int, rng: np.random.Generator
+    ) -> list[str]:
+        wanted = self.hard_negatives
+        if len(example.neg) >= wanted:
+            return [example.neg[i] for i in rng.choice(len(example.neg), wanted, replace=False)]
+        chosen = list(example.neg)
+        banned = {example.query, *example.pos, *chosen}
+        size = self.index.sizes[source]
+        for _ in range(_FILL_TRIES * wanted):
+            if len(chosen) == wanted:
+                return chosen
+            other = int(rng.integers(size))
+            if other == line:
+                continue
+            texts = self.index.example(source, other).pos
+            text = texts[int(rng.integers(len(texts)))]
+            if text not in banned:
+                chosen.append(text)
+                banned.add(text)
+        if len(chosen) == wanted:
+            return chosen
+        raise ValueError(
+            f"source {self.index.sources[source]} has too few distinct texts to fill "
+            f"{wanted} hard negatives for query {example.query!r}; lower hard_negatives"
+        )
+
+    def batches(
+        self, state: dict[str, Any], prepare: Callable[[Batch], T]
+    ) -> Iterator[tuple[T, Batch, dict[str, Any]]]:
+        """Endless ``(prepare(batch), batch, state_after)``, one batch built ahead in a thread."""
+        def build(at: dict[str, Any]) -> tuple[T, Batch, dict[str, Any]]:
+            batch, after = self.batch(at)
+            return prepare(batch), batch, after
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="peg-rag-data") as pool:
+            pending = pool.submit(build, state)
+            while True:
+                prepared, batch, after = pending.result()
+                pending = pool.submit(build, after)
+                yield prepared, batch, after
+
+    def close(self) -> None:
+        self.index.close()

@@ -1,0 +1,150 @@
+"""One contrastive training step: gradient cache + gather across processes + chunked loss.
+
+It leaves the parameter gradients of the global-batch loss in the model (averaged by DDP over
+processes, hence the world-size factor), ready for clipping and the optimizer step:
+
+    loss = sum_i w_i * l_i / sum_i w_i     over all N queries of the global batch,
+
+which is InfoNCE with weights normalized to mean 1 (plain mean when all w_i = 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from peg_rag.encoder import PEGEncoder
+
+from .collate import StepInputs
+from .distributed import all_max, all_sum, gather_rows, rank_and_world, reduce_rows
+from .grad_cache import first_pass, second_pass
+from .loss import chunked_infonce
+from .progressive import Weighting
+
+
+@dataclass
+class StepStats:
+    loss: float
+    weight_mean: float  # mean raw weight (before normalizing to mean 1)
+    weight_min: float  # normalized
+    weight_max: float  # normalized
+    positive_rank: float  # mean rank of the positive among allowed candidates (1 = top)
+    accuracy: float  # fraction of queries whose positive ranks first
+    masked: int  # (query, candidate) pairs masked as duplicates or false negatives
+    texts: int  # texts in the global batch before de-duplication
+    distinct: int  # texts actually embedded
+
+
+class ContrastiveStep:
+    """Computes the gradients of one global batch into ``encoder.model``."""
+
+    def __init__(
+        self,
+        encoder: PEGEncoder,
+        *,
+        mini_batch_size: int,
+        temperature: float,
+        chunk_size: int,
+        false_negative_margin: float | None = None,
+        guide: PEGEncoder | None = None,
+        weighting: Weighting | None = None,
+        backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
+        no_sync: Callable[[], AbstractContextManager] = nullcontext,
+    ) -> None:
+        self.encoder = encoder
+        self.mini_batch_size = mini_batch_size
+        self.temperature = temperature
+        self.chunk_size = chunk_size
+        self.false_negative_margin = false_negative_margin
+        self.guide = guide
+        self.weighting = weighting
+        self.backward = backward
+        self.no_sync = no_sync
+
+    def __call__(self, inputs: StepInputs, gamma: float = 0.0) -> StepStats:
+        rank, world = rank_and_world()
+        total = len(inputs.query_rows)
+        if total % world:
+            raise ValueError(f"batch_size={total} must be divisible by the {world} processes")
+        owners = [inputs.owned(r, world) for r in range(world)]
+        own = owners[rank]
+        batches = [own[i : i + self.mini_batch_size] for i in range(0, len(own), self.mini_batch_size)]
+        encoder = self.encoder
+        device = encoder.device
+
+        def embed(number: int) -> torch.Tensor:
+            return encoder.embed(encoder.collate([inputs.ids[i] for i in batches[number]]))
+
+        cached = first_pass(embed, len(batches), device, self.no_sync)
+        embeddings = gather_rows(cached.embeddings, owners, len(inputs.ids))
+
+        # This process's queries are a contiguous slice of the global batch.
+        per = total // world
+        low, high = rank * per, (rank + 1) * per
+        query_rows = inputs.query_rows[low:high].to(device)
+        column_rows = inputs.column_rows.to(device)
+        inside = (inputs.masked_queries >= low) & (inputs.masked_queries < high)
+        guide = None
+        if self.guide is not None:
+            guided = gather_rows(self._guide_embed(inputs, own), owners, len(inputs.ids))
+            guide = (guided[query_rows], guided[column_rows])
+        out = chunked_infonce(
+            embeddings[query_rows],
+            embeddings[column_rows],
+            inputs.positive_columns[low:high].to(device),
+            temperature=self.temperature,
+            chunk_size=self.chunk_size,
+            masked_queries=(inputs.masked_queries[inside] - low).to(device),
+            masked_columns=inputs.masked_columns[inside].to(device),
+            false_negative_margin=self.false_negative_margin,
+            guide=guide,
+            weighting=self.weighting,
+            gamma=gamma,
+        )
+        loss_sum, weight_sum, rank_sum, top1, masked = all_sum(
+            torch.stack([
+                out.weighted_loss,
+                out.weights.sum(),
+                out.positive_rank.sum().float(),
+                (out.positive_rank == 1).sum().float(),
+                out.masked.float(),
+            ])
+        ).tolist()
+        weight_sum = max(weight_sum, 1e-12)  # every positive certain: nothing left to learn
+        weight_max, negative_min = all_max(torch.stack([out.weights.max(), -out.weights.min()])).tolist()
+
+        # d(loss)/d(embeddings): the loss divides by the global weight sum, and DDP divides the
+        # summed parameter gradients by the world size, which the factor `world` undoes.
+        grad = torch.zeros_like(embeddings)
+        grad.index_add_(0, query_rows, out.grad_queries)
+        grad.index_add_(0, column_rows, out.grad_candidates)
+        own_grad = reduce_rows(grad, own).mul_(world / weight_sum)
+        second_pass(embed, cached, own_grad, backward=self.backward, no_sync=self.no_sync)
+
+        normalize = total / weight_sum
+        return StepStats(
+            loss=loss_sum / weight_sum,
+            weight_mean=weight_sum / total,
+            weight_min=-negative_min * normalize,
+            weight_max=weight_max * normalize,
+            positive_rank=rank_sum / total,
+            accuracy=top1 / total,
+            masked=int(masked),
+            texts=inputs.n_texts,
+            distinct=len(inputs.ids),
+        )
+
+    @torch.no_grad()
+    def _guide_embed(self, inputs: StepInputs, own: np.ndarray) -> torch.Tensor:
+        """The frozen guide encoder's embeddings of this process's rows."""
+        guide = self.guide
+        assert guide is not None and inputs.guide_ids is not None
+        parts = [
+            guide.embed(guide.collate([inputs.guide_ids[i] for i in own[s : s + self.mini_batch_size]]))
+            for s in range(0, len(own), self.mini_batch_size)
+        ]
+        return torch.cat(parts).to(self.encoder.device)
