@@ -1,0 +1,68 @@
+"""``peg-rag mine``: fill the ``neg`` lists of a training JSONL with mined hard negatives."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .common import add_encoder_arguments, load_encoder
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "mine",
+        help="mine hard negatives into a training JSONL",
+        description="Encode each line's query and a candidate pool, search the pool exactly, "
+        "and write a copy of INPUT whose 'neg' lists hold --negatives texts sampled from ranks "
+        "[--range-min, --range-max) (counted from 0). Candidates equal to the query or a "
+        "positive, and candidates scoring above --max-score-ratio x the line's lowest "
+        "positive score, are skipped. Other fields are kept; existing 'neg' lists are replaced.",
+    )
+    parser.add_argument("input", type=Path, metavar="INPUT.jsonl")
+    parser.add_argument("--output", type=Path, required=True, metavar="OUT.jsonl")
+    parser.add_argument(
+        "--corpus",
+        type=Path,
+        nargs="+",
+        default=[],
+        metavar="PATH",
+        help="candidate pool: JSONL files with 'text' (and optional 'title') or BEIR folders "
+        "(default: the input's own positive and negative texts)",
+    )
+    parser.add_argument("--negatives", type=int, default=5, help="negatives per line")
+    parser.add_argument("--range-min", type=int, default=10, help="first rank sampled")
+    parser.add_argument("--range-max", type=int, default=100, help="rank after the last one")
+    parser.add_argument(
+        "--max-score-ratio",
+        type=float,
+        default=0.95,
+        help="skip candidates scoring above this times the positive's score",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
+    add_encoder_arguments(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from peg_rag.trainer.mine import MiningOptions, check_output, mine_file
+
+    options = MiningOptions(
+        negatives=args.negatives,
+        range_min=args.range_min,
+        range_max=args.range_max,
+        max_score_ratio=args.max_score_ratio,
+        seed=args.seed,
+    )
+    check_output(args.input, args.output, overwrite=args.overwrite)  # before the model loads
+    stats = mine_file(
+        load_encoder(args),
+        args.input,
+        args.output,
+        corpus=args.corpus,
+        options=options,
+        overwrite=args.overwrite,
+        show_progress_bar=True,
+    )
+    print(f"wrote {args.output}: {stats.summary()}")
+    return 0

@@ -1,0 +1,228 @@
+"""Hard-negative mining against a brute-force reference, and the ``mine`` command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import CHINESE_TEXTS
+
+from peg_rag.cli import main
+from peg_rag.encoder import PEGEncoder
+from peg_rag.jsonl import DataError
+from peg_rag.trainer.data import parse_example
+from peg_rag.trainer.mine import (
+    MiningOptions,
+    encode_queries,
+    mine_file,
+    mine_negatives,
+    own_pool,
+)
+
+PASSAGES = [
+    "报销时需提供身份证、医保卡和费用清单",
+    "高血压患者应少盐少油，适量运动",
+    "故宫开放时间为上午八点半至下午五点",
+    "居住证到期前可在政务网站在线续签",
+    "糖尿病患者可少量食用西瓜，注意血糖",
+    "异地就医需先在医保平台办理备案",
+    "慕田峪长城适合徒步，游客较少",
+    "个税汇算清缴截止到每年六月三十日",
+    "感冒发烧时要多喝水，注意休息",
+    "护照办理需要本人到出入境大厅",
+    "公积金可以用来支付房租",
+    "颐和园门票旺季三十元",
+]
+
+
+def write_lines(path: Path, records: list[dict]) -> Path:
+    path.write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8"
+    )
+    return path
+
+
+def training_records() -> list[dict]:
+    records = [
+        {
+            "query": q,
+            "pos": [PASSAGES[i]],
+            "neg": [PASSAGES[i + 8]] if i < 4 else [],
+            "task": "retrieval",
+            "source": "tiny",
+        }
+        for i, q in enumerate(CHINESE_TEXTS)
+    ]
+    records[1]["prompt"] = "问题："
+    records[2]["query"] = PASSAGES[5]  # a query equal to another line's positive
+    records[3]["pos"].append(PASSAGES[9])  # two positives (PASSAGES[9] is also line 1's neg)
+    return records
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_model_dir):
+    return PEGEncoder.from_pretrained(tiny_model_dir, device="cpu", pooling="mean")
+
+
+def examples_of(records):
+    return [parse_example(r, None) for r in records]
+
+
+def reference(encoder, examples, pool, options: MiningOptions) -> list[list[str]]:
+    """Every eligible window candidate of each line, computed from the full score matrix."""
+    pool_vectors = encoder.encode(pool, "passage")
+    eligible = []
+    for e in examples:
+        text, kind = (e.prompt + e.query, None) if e.prompt else (e.query, "query")
+        q = encoder.encode([text], kind)[0]
+        scores = pool_vectors @ q
+        order = np.lexsort((np.arange(len(pool)), -scores))[options.range_min : options.range_max]
+        ceiling = options.max_score_ratio * min(encoder.encode(e.pos, "passage") @ q)
+        excluded = {e.query, *e.pos}
+        eligible.append(
+            [pool[j] for j in order if pool[j] not in excluded and scores[j] <= ceiling]
+        )
+    return eligible
+
+
+@pytest.mark.parametrize("window", [(0, 100), (2, 7), (5, 6)])
+def test_all_eligible_candidates_when_asking_for_many(encoder, window):
+    examples = examples_of(training_records())
+    pool = own_pool(examples)
+    options = MiningOptions(
+        negatives=100, range_min=window[0], range_max=window[1], max_score_ratio=10.0
+    )
+    chosen, stats = mine_negatives(encoder, examples, pool, options)
+    assert chosen == reference(encoder, examples, pool, options)
+    width = min(window[1], len(pool)) - window[0]
+    assert all(len(negs) <= width for negs in chosen)
+    assert stats.negatives == sum(map(len, chosen)) and stats.short_lines == len(examples)
+
+
+def test_skips_positives_and_the_query(encoder):
+    examples = examples_of(training_records())
+    pool = own_pool(examples)
+    options = MiningOptions(negatives=100, range_min=0, range_max=100, max_score_ratio=10.0)
+    chosen, stats = mine_negatives(encoder, examples, pool, options)
+    for example, negatives in zip(examples, chosen, strict=True):
+        assert not {example.query, *example.pos} & set(negatives)
+        assert len(negatives) == len(pool) - len({example.query, *example.pos} & set(pool))
+    # each line's positives are in the pool; line 2's query is line 5's positive
+    assert stats.skipped_equal == sum(len(e.pos) for e in examples) + 1
+    assert stats.skipped_score == 0
+
+
+def test_score_ratio_guard(encoder):
+    examples = examples_of(training_records())
+    pool = own_pool(examples)
+    loose = MiningOptions(negatives=100, range_min=0, range_max=100, max_score_ratio=10.0)
+    # A ratio inside the observed spread, so the guard drops some candidates, not all.
+    query_vectors, rows = encode_queries(encoder, examples)
+    positives = encoder.encode([e.pos[0] for e in examples], "passage")
+    pos_scores = (query_vectors[rows] * positives).sum(axis=1)
+    ratios = (query_vectors[rows] @ encoder.encode(pool, "passage").T) / pos_scores[:, None]
+    assert (pos_scores > 0).all()
+    strict = MiningOptions(
+        negatives=100, range_min=0, range_max=100, max_score_ratio=float(np.median(ratios))
+    )
+    chosen, stats = mine_negatives(encoder, examples, pool, strict)
+    all_chosen, _ = mine_negatives(encoder, examples, pool, loose)
+    assert chosen == reference(encoder, examples, pool, strict)
+    assert 0 < stats.skipped_score < sum(map(len, all_chosen))
+    assert sum(map(len, chosen)) + stats.skipped_score == sum(map(len, all_chosen))
+
+
+def test_seeded_sampling_is_deterministic(encoder):
+    examples = examples_of(training_records())
+    pool = own_pool(examples)
+    options = MiningOptions(negatives=3, range_min=1, range_max=12, max_score_ratio=10.0)
+    first, stats = mine_negatives(encoder, examples, pool, options)
+    again, _ = mine_negatives(encoder, examples, pool, options)
+    other, _ = mine_negatives(
+        encoder,
+        examples,
+        pool,
+        MiningOptions(negatives=3, range_min=1, range_max=12, max_score_ratio=10.0, seed=1),
+    )
+    every = reference(encoder, examples, pool, options)
+    assert first == again and first != other
+    for negatives, eligible in zip(first, every, strict=True):
+        assert len(negatives) == min(3, len(eligible))
+        assert negatives == [t for t in eligible if t in negatives]  # a subset, in rank order
+    assert stats.short_lines == sum(len(e) < 3 for e in every)
+
+
+def test_mine_file_keeps_fields_and_uses_a_corpus(tmp_path, encoder):
+    records = training_records()
+    source = write_lines(tmp_path / "train.jsonl", records)
+    corpus = write_lines(
+        tmp_path / "corpus.jsonl",
+        [{"_id": str(i), "title": "", "text": t} for i, t in enumerate(PASSAGES[6:])],
+    )
+    options = MiningOptions(negatives=2, range_min=0, range_max=4)
+    stats = mine_file(encoder, source, tmp_path / "out.jsonl", corpus=[corpus], options=options)
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").open(encoding="utf-8")]
+    assert stats.pool == len(PASSAGES) - 6 and stats.lines == len(records)
+    for before, after in zip(records, out, strict=True):
+        assert list(after) == list(before)  # same fields, same order
+        assert {k: v for k, v in after.items() if k != "neg"} == {
+            k: v for k, v in before.items() if k != "neg"
+        }
+        assert set(after["neg"]) <= set(PASSAGES[6:]) - set(before["pos"])
+
+
+def test_refuses_to_overwrite(tmp_path, encoder, capsys):
+    source = write_lines(tmp_path / "train.jsonl", training_records())
+    original = source.read_bytes()
+    with pytest.raises(ValueError, match="refusing to overwrite the input"):
+        mine_file(encoder, source, tmp_path / "." / "train.jsonl", overwrite=True)
+    existing = tmp_path / "taken.jsonl"
+    existing.write_text("keep me\n")
+    argv = ["mine", str(source), "--model", "unused", "--output", str(existing)]
+    assert main(argv) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert source.read_bytes() == original and existing.read_text() == "keep me\n"
+
+
+def test_bad_lines_name_file_line_and_field(tmp_path, encoder):
+    records = training_records()
+    records[2]["pos"] = []
+    source = write_lines(tmp_path / "train.jsonl", records)
+    with pytest.raises(DataError, match=r"train.jsonl:3: field 'pos': needs at least 1"):
+        mine_file(encoder, source, tmp_path / "out.jsonl")
+    records[2]["pos"] = ["好"]
+    write_lines(source, records)
+    with source.open("a", encoding="utf-8") as handle:
+        handle.write("{not json\n")
+    with pytest.raises(DataError, match=rf"train.jsonl:{len(records) + 1}: invalid JSON"):
+        mine_file(encoder, source, tmp_path / "out.jsonl")
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_cli_mines(tmp_path, tiny_model_dir, capsys):
+    source = write_lines(tmp_path / "train.jsonl", training_records())
+    out = tmp_path / "mined.jsonl"
+    argv = [
+        "mine",
+        str(source),
+        "--model",
+        str(tiny_model_dir),
+        "--device",
+        "cpu",
+        "--output",
+        str(out),
+        "--negatives",
+        "2",
+        "--range-min",
+        "1",
+        "--range-max",
+        "8",
+        "--max-score-ratio",
+        "2",
+    ]
+    assert main(argv) == 0
+    assert "negatives for 8 lines from a pool of" in capsys.readouterr().out
+    mined = [json.loads(line)["neg"] for line in out.open(encoding="utf-8")]
+    assert len(mined) == 8 and all(1 <= len(negs) <= 2 for negs in mined)
