@@ -69,8 +69,10 @@ def test_folders_files_and_sources(tmp_path):
     write_lines(tmp_path / "a" / "deeper" / "y.jsonl", make_records(5, source="fin"))
     plain = write_lines(tmp_path / "plain.jsonl", make_records(3))  # no source field
     loaded = data([tmp_path / "a", plain])
-    assert dict(zip(loaded.index.sources, loaded.index.sizes)) == {
-        "med": 8, "fin": 5, str(plain): 3,
+    assert dict(zip(loaded.index.sources, loaded.index.sizes, strict=True)) == {
+        "med": 8,
+        "fin": 5,
+        str(plain): 3,
     }
     loaded.close()
     with pytest.raises(ValueError, match="no such file"):
@@ -121,7 +123,8 @@ def test_negatives_come_from_neg_then_filled_from_the_same_source(tmp_path):
         batch, state = loaded.batch(state)
         seen.add(batch.source)
         same_source_pos = {p for r in (rich if batch.source == "rich" else poor) for p in r["pos"]}
-        for query, positive, negatives in zip(batch.queries, batch.positives, batch.negatives):
+        triples = zip(batch.queries, batch.positives, batch.negatives, strict=True)
+        for query, positive, negatives in triples:
             record = by_query[query]
             assert positive in record["pos"]
             assert len(negatives) == 3 and len(set(negatives)) == 3

@@ -42,12 +42,19 @@ def reference_gradients(encoder, inputs, gamma, mini_batch_size=None):
         encoder.embed(encoder.collate([inputs.ids[i] for i in own[s : s + size]]))
         for s in range(0, len(own), size)
     ]
-    embeddings = torch.zeros(len(inputs.ids), encoder.dim).index_put((torch.as_tensor(own),), torch.cat(parts))
+    embeddings = torch.zeros(len(inputs.ids), encoder.dim).index_put(
+        (torch.as_tensor(own),), torch.cat(parts)
+    )
     mask = torch.zeros(len(inputs.query_rows), len(inputs.column_rows), dtype=torch.bool)
     mask[inputs.masked_queries, inputs.masked_columns] = True
     loss, _ = reference_loss(
-        embeddings[inputs.query_rows], embeddings[inputs.column_rows], inputs.positive_columns,
-        TAU, mask, gamma, focal,
+        embeddings[inputs.query_rows],
+        embeddings[inputs.column_rows],
+        inputs.positive_columns,
+        TAU,
+        mask,
+        gamma,
+        focal,
     )
     loss.backward()
     return gradients(encoder.model), loss.item()
@@ -56,7 +63,10 @@ def reference_gradients(encoder, inputs, gamma, mini_batch_size=None):
 def cached_gradients(encoder, inputs, gamma, mini_batch_size=4, chunk_size=2):
     encoder.model.zero_grad(set_to_none=True)
     step = ContrastiveStep(
-        encoder, mini_batch_size=mini_batch_size, temperature=TAU, chunk_size=chunk_size,
+        encoder,
+        mini_batch_size=mini_batch_size,
+        temperature=TAU,
+        chunk_size=chunk_size,
         weighting=focal,
     )
     stats = step(inputs, gamma)

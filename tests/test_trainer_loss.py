@@ -25,7 +25,9 @@ def unit(rows: int, dim: int, seed: int) -> torch.Tensor:
 def test_chunked_loss_and_gradients_equal_unchunked(chunk, gamma):
     q, c = unit(7, 16, 0), unit(19, 16, 1)
     pos = torch.tensor([0, 3, 5, 5, 9, 18, 2])
-    out = chunked_infonce(q, c, pos, temperature=0.05, chunk_size=chunk, weighting=focal, gamma=gamma)
+    out = chunked_infonce(
+        q, c, pos, temperature=0.05, chunk_size=chunk, weighting=focal, gamma=gamma
+    )
     qr, cr = q.clone().requires_grad_(), c.clone().requires_grad_()
     loss, w = reference_loss(qr, cr, pos, 0.05, gamma=gamma, weighting=focal)
     loss.backward()
@@ -112,7 +114,7 @@ def test_identical_texts_are_one_column_and_never_negatives():
     columns = [inputs.keys[r] for r in inputs.column_rows.tolist()]
     assert len(columns) == len(set(columns)) == 5
     # Query 2's and 3's positives are known positives of each other, so masked.
-    pairs = set(zip(inputs.masked_queries.tolist(), inputs.masked_columns.tolist()))
+    pairs = set(zip(inputs.masked_queries.tolist(), inputs.masked_columns.tolist(), strict=True))
     assert pairs == {(2, int(inputs.positive_columns[3])), (3, int(inputs.positive_columns[2]))}
 
     plain = build_inputs(batch, passthrough_tokenize, mask_duplicates=False)
@@ -127,14 +129,19 @@ def test_duplicate_masking_changes_the_loss_as_defined():
     plain = build_inputs(batch, passthrough_tokenize, mask_duplicates=False)
     emb = unit(len(inputs.ids), 8, 10)
     got = chunked_infonce(
-        emb[inputs.query_rows], emb[inputs.column_rows], inputs.positive_columns,
-        temperature=0.1, chunk_size=1,
+        emb[inputs.query_rows],
+        emb[inputs.column_rows],
+        inputs.positive_columns,
+        temperature=0.1,
+        chunk_size=1,
     )
     # Slot-level: columns [pos0, pos1, neg0, neg1] = [T4, T5, T5, T4]; for query 0, slot 3
     # (T4, its own positive's text) and slot 2 (a second copy of T5) are masked.
     slot_rows = plain.column_rows
     mask = torch.tensor([[False, False, True, True], [False, False, True, True]])
-    expected, _ = reference_loss(emb[plain.query_rows], emb[slot_rows], plain.positive_columns, 0.1, mask)
+    expected, _ = reference_loss(
+        emb[plain.query_rows], emb[slot_rows], plain.positive_columns, 0.1, mask
+    )
     assert torch.allclose(got.weighted_loss / 2, expected, rtol=1e-5)
     unmasked = chunked_infonce(
         emb[plain.query_rows], emb[slot_rows], plain.positive_columns, temperature=0.1, chunk_size=1
@@ -180,7 +187,11 @@ def test_weightings_are_pluggable():
     try:
         q, c = unit(4, 8, 13), unit(4, 8, 14)
         out = chunked_infonce(
-            q, c, torch.arange(4), temperature=1.0, chunk_size=4,
+            q,
+            c,
+            torch.arange(4),
+            temperature=1.0,
+            chunk_size=4,
             weighting=WEIGHTINGS["test-hard-only"],
         )
         assert set(out.weights.tolist()) <= {0.0, 1.0}

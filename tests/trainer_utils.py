@@ -28,7 +28,9 @@ def make_records(
         record = {
             "query": f"{tag}{base}（问{i}）",
             "pos": [f"{tag}答{i}：{CHINESE_TEXTS[(i + 1) % len(CHINESE_TEXTS)]}"],
-            "neg": [f"{tag}无关{i}-{k}：{CHINESE_TEXTS[(i + 3 + k) % 8]}" for k in range(negatives)],
+            "neg": [
+                f"{tag}无关{i}-{k}：{CHINESE_TEXTS[(i + 3 + k) % 8]}" for k in range(negatives)
+            ],
         }
         if source:
             record["source"] = source
@@ -47,10 +49,12 @@ def load_encoder(model_dir: Path, **kwargs) -> PEGEncoder:
 
 def gradients(model: torch.nn.Module) -> torch.Tensor:
     """All parameter gradients as one flat vector (zeros where a parameter has none)."""
-    return torch.cat([
-        (p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
-        for p in model.parameters()
-    ])
+    return torch.cat(
+        [
+            (p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+            for p in model.parameters()
+        ]
+    )
 
 
 def weights(model_dir: Path) -> dict[str, torch.Tensor]:

@@ -59,7 +59,7 @@ def build_inputs(
 
     query_rows = [
         row(("query", q) if p is None else (None, p + q))
-        for q, p in zip(batch.queries, batch.prompts)
+        for q, p in zip(batch.queries, batch.prompts, strict=True)
     ]
     positive_rows = [row(("passage", text)) for text in batch.positives]
     negative_rows = [row(("passage", text)) for group in batch.negatives for text in group]
@@ -75,9 +75,9 @@ def build_inputs(
         positive_columns = [columns[r] for r in positive_rows]
         # Queries with the same text share their positives: none is another's negative.
         known: dict[int, set[int]] = {}
-        for q, c in zip(query_rows, positive_columns):
+        for q, c in zip(query_rows, positive_columns, strict=True):
             known.setdefault(q, set()).add(c)
-        for i, (q, c) in enumerate(zip(query_rows, positive_columns)):
+        for i, (q, c) in enumerate(zip(query_rows, positive_columns, strict=True)):
             masked.extend((i, other) for other in sorted(known[q]) if other != c)
     else:
         column_rows = positive_rows + negative_rows
@@ -107,6 +107,6 @@ def _tokenize(keys: list[Key], tokenize: Tokenize) -> tuple[list[list[int]], int
         if where:
             rows, cut = tokenize([keys[i][1] for i in where], kind)
             truncated += cut
-            for i, tokens in zip(where, rows):
+            for i, tokens in zip(where, rows, strict=True):
                 ids[i] = tokens
     return ids, truncated

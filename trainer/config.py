@@ -32,7 +32,9 @@ class ConfigError(ValueError):
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **extra})
+        return field(
+            default_factory=lambda: type(default)(default), metadata={"help": help, **extra}
+        )
     return field(default=default, metadata={"help": help, **extra})
 
 
@@ -55,14 +57,18 @@ class TrainConfig:
     max_length: int | None = _opt(None, "max tokens per text (default: the model's)")
     # Loss.
     temperature: float = _opt(0.02, "InfoNCE temperature tau")
-    loss_chunk_size: int = _opt(1024, "queries per loss chunk; logits never exceed chunk x candidates")
+    loss_chunk_size: int = _opt(
+        1024, "queries per loss chunk; logits never exceed chunk x candidates"
+    )
     mask_duplicates: bool = _opt(True, "never use a text identical to a positive as its negative")
     false_negative_margin: float | None = _opt(
         None, "mask candidates scoring above score(positive) - margin (off when unset)"
     )
     guide_model: str | None = _opt(None, "score false negatives with this frozen model instead")
     # Progressive learning.
-    progressive: str = _opt("linear", "gamma(t) schedule, or off for plain InfoNCE", choices=PROGRESSIVE)
+    progressive: str = _opt(
+        "linear", "gamma(t) schedule, or off for plain InfoNCE", choices=PROGRESSIVE
+    )
     weighting: str = _opt("focal", "per-query weighting function (see progressive.WEIGHTINGS)")
     gamma_start: float = _opt(0.0, "gamma at the first step")
     gamma_end: float = _opt(2.0, "gamma at the last step")
@@ -78,12 +84,15 @@ class TrainConfig:
     epochs: float | None = _opt(None, "passes over the data (default 1 when max_steps is unset)")
     seed: int = _opt(42, "seed of data order, negatives and initialization of dropout")
     mixed_precision: str = _opt(
-        "auto", "auto = bf16 on GPUs that support it, fp16 on older GPUs, no on CPU",
+        "auto",
+        "auto = bf16 on GPUs that support it, fp16 on older GPUs, no on CPU",
         choices=MIXED_PRECISION,
     )
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward to save memory")
     # Encoder settings (default: the model's sentence-transformers files).
-    pooling: str | None = _opt(None, "cls or mean (default: from the model files)", choices=POOLINGS)
+    pooling: str | None = _opt(
+        None, "cls or mean (default: from the model files)", choices=POOLINGS
+    )
     query_instruction: str | None = _opt(None, "query prefix (default: the model's query prompt)")
     passage_instruction: str | None = _opt(None, "passage prefix (default: the model's prompt)")
     trust_remote_code: bool = _opt(False, "run code shipped with the model")
@@ -93,7 +102,9 @@ class TrainConfig:
     save_steps: int = _opt(0, "write a checkpoint every N steps (0: only the final model)")
     save_total_limit: int = _opt(3, "keep the last K checkpoints")
     resume: str | None = _opt(
-        None, "continue from a checkpoint directory, or 'latest' in output_dir", metavar="CHECKPOINT"
+        None,
+        "continue from a checkpoint directory, or 'latest' in output_dir",
+        metavar="CHECKPOINT",
     )
     eval_dirs: list[str] = _opt([], "BEIR folders / pairs.tsv files evaluated during training")
     eval_steps: int = _opt(0, "evaluate every N steps (0: only at the end)")
@@ -251,12 +262,24 @@ def validate(config: TrainConfig, origins: dict[str, str] | None = None) -> None
     for name in REQUIRED:
         if not getattr(config, name):
             raise ConfigError(f"missing required setting {name!r} (--{name.replace('_', '-')})")
-    for name in ("batch_size", "mini_batch_size", "loss_chunk_size", "save_total_limit",
-                 "logging_steps"):
+    for name in (
+        "batch_size",
+        "mini_batch_size",
+        "loss_chunk_size",
+        "save_total_limit",
+        "logging_steps",
+    ):
         if getattr(config, name) < 1:
             raise bad(name, f"must be >= 1, got {getattr(config, name)}")
-    for name in ("hard_negatives", "save_steps", "eval_steps", "weight_decay", "gamma_start",
-                 "gamma_end", "max_grad_norm"):
+    for name in (
+        "hard_negatives",
+        "save_steps",
+        "eval_steps",
+        "weight_decay",
+        "gamma_start",
+        "gamma_end",
+        "max_grad_norm",
+    ):
         if getattr(config, name) < 0:
             raise bad(name, f"must be >= 0, got {getattr(config, name)}")
     for name in ("temperature", "learning_rate", "adam_epsilon"):
@@ -307,7 +330,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         kind, _ = _base(_TYPES[name])
         flag = "--" + name.replace("_", "-")
         kwargs: dict[str, Any] = {
-            "dest": name, "default": argparse.SUPPRESS, "help": spec.metadata["help"]
+            "dest": name,
+            "default": argparse.SUPPRESS,
+            "help": spec.metadata["help"],
         }
         if "metavar" in spec.metadata:
             kwargs["metavar"] = spec.metadata["metavar"]

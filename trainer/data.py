@@ -243,15 +243,16 @@ class TrainData:
                 f"source_weights names unknown source(s) {', '.join(unknown)}; "
                 f"the data has {', '.join(self.index.sources)}"
             )
-        mass = np.array(
-            [size * weights.get(s, 1.0) for s, size in zip(self.index.sources, self.index.sizes)]
-        )
+        named = zip(self.index.sources, self.index.sizes, strict=True)
+        mass = np.array([size * weights.get(name, 1.0) for name, size in named])
         self.probabilities = mass / mass.sum()
-        for source, size in zip(self.index.sources, self.index.sizes):
+        for source, size in zip(self.index.sources, self.index.sizes, strict=True):
             if size < batch_size:
                 logger.warning(
                     "source %s has %d lines, fewer than batch_size=%d: its batches repeat lines",
-                    source, size, batch_size,
+                    source,
+                    size,
+                    batch_size,
                 )
 
     @property
@@ -259,7 +260,11 @@ class TrainData:
         return sum(self.index.sizes)
 
     def initial_state(self) -> dict[str, Any]:
-        return {"step": 0, "epoch": [0] * len(self.index.sources), "cursor": [0] * len(self.index.sources)}
+        return {
+            "step": 0,
+            "epoch": [0] * len(self.index.sources),
+            "cursor": [0] * len(self.index.sources),
+        }
 
     def check_state(self, state: dict[str, Any]) -> None:
         """Reject a saved position that does not belong to this data."""
@@ -336,6 +341,7 @@ class TrainData:
         self, state: dict[str, Any], prepare: Callable[[Batch], T]
     ) -> Iterator[tuple[T, Batch, dict[str, Any]]]:
         """Endless ``(prepare(batch), batch, state_after)``, one batch built ahead in a thread."""
+
         def build(at: dict[str, Any]) -> tuple[T, Batch, dict[str, Any]]:
             batch, after = self.batch(at)
             return prepare(batch), batch, after

@@ -39,7 +39,7 @@ def gather_rows(local: torch.Tensor, owners: Sequence[np.ndarray], total: int) -
     padded[: len(local)] = local
     received = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(received, padded.contiguous())
-    for rows, block in zip(owners, received):
+    for rows, block in zip(owners, received, strict=True):
         out[torch.as_tensor(rows, device=local.device)] = block[: len(rows)]
     return out
 

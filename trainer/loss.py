@@ -55,7 +55,7 @@ def chunked_infonce(
     ``guide`` when given, else by these embeddings. ``weighting(p_positive, gamma)`` gives the
     raw per-query weights (all 1 when None).
     """
-    n, m = queries.shape[0], candidates.shape[0]
+    n = queries.shape[0]
     device = queries.device
     grad_queries = torch.empty_like(queries)
     grad_candidates = torch.zeros_like(candidates)
@@ -71,8 +71,15 @@ def chunked_infonce(
         pos = positive[start:end]
         logits = q @ candidates.T  # the one (chunk, m) buffer, reused in place below
         mask = _mask(
-            logits, rows, pos, start, end, masked_queries, masked_columns,
-            false_negative_margin, guide,
+            logits,
+            rows,
+            pos,
+            start,
+            end,
+            masked_queries,
+            masked_columns,
+            false_negative_margin,
+            guide,
         )
         logits.mul_(inverse_tau)
         if mask is not None:

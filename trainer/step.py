@@ -72,7 +72,9 @@ class ContrastiveStep:
             raise ValueError(f"batch_size={total} must be divisible by the {world} processes")
         owners = [inputs.owned(r, world) for r in range(world)]
         own = owners[rank]
-        batches = [own[i : i + self.mini_batch_size] for i in range(0, len(own), self.mini_batch_size)]
+        batches = [
+            own[i : i + self.mini_batch_size] for i in range(0, len(own), self.mini_batch_size)
+        ]
         encoder = self.encoder
         device = encoder.device
 
@@ -106,16 +108,20 @@ class ContrastiveStep:
             gamma=gamma,
         )
         loss_sum, weight_sum, rank_sum, top1, masked = all_sum(
-            torch.stack([
-                out.weighted_loss,
-                out.weights.sum(),
-                out.positive_rank.sum().float(),
-                (out.positive_rank == 1).sum().float(),
-                out.masked.float(),
-            ])
+            torch.stack(
+                [
+                    out.weighted_loss,
+                    out.weights.sum(),
+                    out.positive_rank.sum().float(),
+                    (out.positive_rank == 1).sum().float(),
+                    out.masked.float(),
+                ]
+            )
         ).tolist()
         weight_sum = max(weight_sum, 1e-12)  # every positive certain: nothing left to learn
-        weight_max, negative_min = all_max(torch.stack([out.weights.max(), -out.weights.min()])).tolist()
+        weight_max, negative_min = all_max(
+            torch.stack([out.weights.max(), -out.weights.min()])
+        ).tolist()
 
         # d(loss)/d(embeddings): the loss divides by the global weight sum, and DDP divides the
         # summed parameter gradients by the world size, which the factor `world` undoes.
@@ -144,7 +150,9 @@ class ContrastiveStep:
         guide = self.guide
         assert guide is not None and inputs.guide_ids is not None
         parts = [
-            guide.embed(guide.collate([inputs.guide_ids[i] for i in own[s : s + self.mini_batch_size]]))
+            guide.embed(
+                guide.collate([inputs.guide_ids[i] for i in own[s : s + self.mini_batch_size]])
+            )
             for s in range(0, len(own), self.mini_batch_size)
         ]
         return torch.cat(parts).to(self.encoder.device)

@@ -38,7 +38,14 @@ from .step import ContrastiveStep, StepStats
 logger = logging.getLogger("peg_rag")
 Evaluate = Callable[[PEGEncoder, str], dict[str, float]]
 # Settings that decide the data order: a resumed run must keep them to continue exactly.
-DATA_ORDER_KEYS = ("train", "batch_size", "hard_negatives", "seed", "source_weights", "skip_bad_lines")
+DATA_ORDER_KEYS = (
+    "train",
+    "batch_size",
+    "hard_negatives",
+    "seed",
+    "source_weights",
+    "skip_bad_lines",
+)
 
 
 @dataclass
@@ -107,7 +114,9 @@ def train(config: TrainConfig, *, evaluate: Evaluate | None = None) -> TrainResu
     guide = None
     if config.guide_model:
         guide = PEGEncoder.from_pretrained(
-            config.guide_model, device=accelerator.device, max_length=config.max_length,
+            config.guide_model,
+            device=accelerator.device,
+            max_length=config.max_length,
             trust_remote_code=config.trust_remote_code,
         )
 
@@ -128,7 +137,8 @@ def train(config: TrainConfig, *, evaluate: Evaluate | None = None) -> TrainResu
         eps=config.adam_epsilon,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_lambda(config.lr_schedule, total_steps, int(config.warmup_ratio * total_steps))
+        optimizer,
+        _lr_lambda(config.lr_schedule, total_steps, int(config.warmup_ratio * total_steps)),
     )
     model, optimizer, scheduler = accelerator.prepare(encoder.model, optimizer, scheduler)
     trainee = copy.copy(encoder)  # embeds through the (possibly DDP-wrapped) prepared model
@@ -153,7 +163,9 @@ def train(config: TrainConfig, *, evaluate: Evaluate | None = None) -> TrainResu
     log = _JsonLog(output_dir / "log.jsonl", main, keep_until=step)
     if config.report_to != "none":
         accelerator.init_trackers("peg-rag", config=_tracker_config(config))
-    evaluator = _Evaluator(config, evaluate, encoder, output_dir, best) if config.eval_dirs else None
+    evaluator = (
+        _Evaluator(config, evaluate, encoder, output_dir, best) if config.eval_dirs else None
+    )
 
     # A copy of the tokenizer for the data thread: a fast tokenizer must not be used by two
     # threads at once, and evaluation tokenizes in this one.
@@ -167,10 +179,23 @@ def train(config: TrainConfig, *, evaluate: Evaluate | None = None) -> TrainResu
 
     def prepare(batch):
         return build_inputs(
-            batch, tokenizing.tokenize, mask_duplicates=config.mask_duplicates,
+            batch,
+            tokenizing.tokenize,
+            mask_duplicates=config.mask_duplicates,
             guide_tokenize=guide_tokenize,
         )
 
+    if main:
+        logger.info(
+            "training %d steps on %d processes: %d queries x (1 positive + %d hard negatives) per "
+            "step, %d lines in %d sources",
+            total_steps,
+            accelerator.num_processes,
+            config.batch_size,
+            config.hard_negatives,
+            data.total_lines,
+            len(data.index.sources),
+        )
     progress = tqdm(total=total_steps, initial=step, desc="Training", unit="step", disable=not main)
     last: dict[str, float] = {}
     metrics: dict[str, float] = {}
@@ -181,7 +206,11 @@ def train(config: TrainConfig, *, evaluate: Evaluate | None = None) -> TrainResu
             started = time.perf_counter()
             inputs, _, data_state = next(batches)
             gamma = gamma_at(
-                config.progressive, step, total_steps, config.gamma_start, config.gamma_end,
+                config.progressive,
+                step,
+                total_steps,
+                config.gamma_start,
+                config.gamma_end,
                 config.gamma_stairs,
             )
             stats = step_fn(inputs, gamma)
@@ -198,16 +227,30 @@ def train(config: TrainConfig, *, evaluate: Evaluate | None = None) -> TrainResu
                 logger.warning(
                     "%d of %d texts of step %d exceed max_length=%d tokens and are truncated "
                     "(logged as 'truncated' every logging step)",
-                    inputs.truncated, inputs.n_texts, step, encoder.max_length,
+                    inputs.truncated,
+                    inputs.n_texts,
+                    step,
+                    encoder.max_length,
                 )
                 truncated_warned = True
             if step % config.logging_steps == 0 or step == total_steps:
-                last = _step_values(stats, gamma, lr, float(grad_norm),
-                                    inputs.truncated, time.perf_counter() - started)
+                last = _step_values(
+                    stats,
+                    gamma,
+                    lr,
+                    float(grad_norm),
+                    inputs.truncated,
+                    time.perf_counter() - started,
+                )
                 accelerator.log(last, step=step)
                 log.write(step, last)
                 progress.set_postfix(loss=f"{stats.loss:.4f}", rank=f"{stats.positive_rank:.1f}")
-            if evaluator and config.eval_steps and step % config.eval_steps == 0 and step < total_steps:
+            if (
+                evaluator
+                and config.eval_steps
+                and step % config.eval_steps == 0
+                and step < total_steps
+            ):
                 metrics = evaluator.run(step, accelerator, log)
             if config.save_steps and step % config.save_steps == 0 and step < total_steps:
                 state = _trainer_state(step, data_state, evaluator, config, data)
@@ -274,6 +317,7 @@ def _parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[
 
 def _lr_lambda(schedule: str, total: int, warmup: int) -> Callable[[int], float]:
     """Linear warmup over ``warmup`` steps, then linear/cosine decay to 0 or constant."""
+
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
@@ -358,7 +402,8 @@ class _JsonLog:
         self.enabled = enabled
         if enabled and path.exists():
             kept = [
-                line for line in path.read_text(encoding="utf-8").splitlines()
+                line
+                for line in path.read_text(encoding="utf-8").splitlines()
                 if line.strip() and json.loads(line)["step"] <= keep_until
             ]
             ckpt.write_text(path, "".join(line + "\n" for line in kept))

@@ -39,8 +39,10 @@ def run(args: argparse.Namespace) -> int:
     result = train(config_from_args(args))
     print(f"trained {result.step} steps; model saved to {result.model_dir}")
     if result.best:
-        print(f"best {result.best['metric']} = {result.best['value']:.4f} at step "
-              f"{result.best['step']}: {result.best_model_dir}")
+        print(
+            f"best {result.best['metric']} = {result.best['value']:.4f} at step "
+            f"{result.best['step']}: {result.best_model_dir}"
+        )
     return 0
 
 
