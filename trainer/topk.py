@@ -36,41 +36,37 @@ def _order(scores: np.ndarray, indices: np.ndarray) -> tuple[np.ndarray, np.ndar
     return np.take_along_axis(scores, order, -1), np.take_along_axis(indices, order, -1)
 
 
-def _merge(
-    best: torch.Tensor, best_indices: torch.Tensor, chunk: torch.Tensor, start: int, k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fold a chunk of scores (candidates start, start+1, ...) into each row's k best so far.
+def _chunk_best(chunk: torch.Tensor, start: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best of each row of a score block whose columns are candidates start, start+1...
 
-    The result is unordered; among equal scores the lower candidate index wins.
+    Among equal scores the lower candidate index wins.
     """
-    kept = best.shape[1]
-    scores = torch.cat([best, chunk], dim=1)
-    top, where = torch.topk(scores, min(k, scores.shape[1]), dim=1, sorted=False)
-    from_best = torch.gather(best_indices, 1, where.clamp(max=kept - 1)) if kept else where
-    found = torch.where(where < kept, from_best, where - kept + start)
+    k = min(k, chunk.shape[1])
+    top, where = (t.numpy() for t in torch.topk(chunk, k, dim=1, sorted=False))
     # topk picks arbitrarily among values equal to the k-th one; rows with such a tie at
     # the cut are redone exactly (rare: duplicate vectors).
-    kth = top.min(dim=1, keepdim=True).values
-    for row in torch.nonzero((scores >= kth).sum(dim=1) > k).flatten().tolist():
-        row_indices = np.concatenate(
-            [best_indices[row].numpy(), np.arange(start, start + chunk.shape[1])]
-        )
-        order = np.lexsort((row_indices, -scores[row].numpy()))[:k]
-        top[row] = scores[row, torch.from_numpy(order)]
-        found[row] = torch.from_numpy(row_indices[order])
-    return top, found
+    kth = torch.from_numpy(top.min(axis=1, keepdims=True))
+    for row in np.flatnonzero((chunk >= kth).sum(dim=1).numpy() > k):
+        scores = chunk[row].numpy()
+        order = np.lexsort((np.arange(len(scores)), -scores))[:k]
+        top[row], where[row] = scores[order], order
+    return top, where + start
 
 
 def _torch_block(
     queries: np.ndarray, candidates: np.ndarray, k: int, chunk_size: int
 ) -> tuple[np.ndarray, np.ndarray]:
     block = torch.from_numpy(queries)
-    best = torch.empty((len(queries), 0), dtype=torch.float32)
-    best_indices = torch.empty((len(queries), 0), dtype=torch.int64)
+    best = np.empty((len(queries), 0), dtype=np.float32)
+    best_indices = np.empty((len(queries), 0), dtype=np.int64)
     for start in range(0, len(candidates), chunk_size):
         chunk = block @ torch.from_numpy(candidates[start : start + chunk_size]).T
-        best, best_indices = _merge(best, best_indices, chunk, start, k)
-    return _order(best.numpy(), best_indices.numpy())
+        top, where = _chunk_best(chunk, start, k)
+        best, best_indices = _order(
+            np.concatenate([best, top], axis=1), np.concatenate([best_indices, where], axis=1)
+        )
+        best, best_indices = best[:, :k], best_indices[:, :k]
+    return best, best_indices
 
 
 def top_k(
@@ -88,7 +84,7 @@ def top_k(
     Returns ``(scores, indices)``, both of shape ``(len(queries), min(k, len(candidates)))``:
     float32 scores and int64 candidate row numbers, best first, ties to the lower index.
     ``backend`` is "auto" (faiss when installed, else torch), "faiss" or "torch".
-    Beyond the inputs, the torch backend holds about ``query_batch * (chunk_size + k) * 5``
+    Beyond the inputs, the torch backend holds about ``query_batch * chunk_size * 5``
     bytes at a time (a score block and its comparison mask).
     """
     queries = _as_matrix("queries", queries)
