@@ -85,7 +85,8 @@ def top_k(
     float32 scores and int64 candidate row numbers, best first, ties to the lower index.
     ``backend`` is "auto" (faiss when installed, else torch), "faiss" or "torch".
     Beyond the inputs, the torch backend holds about ``query_batch * chunk_size * 5``
-    bytes at a time (a score block and its comparison mask).
+    bytes at a time (a score block and its comparison mask); faiss copies the candidates
+    into its index.
     """
     queries = _as_matrix("queries", queries)
     candidates = _as_matrix("candidates", candidates)
