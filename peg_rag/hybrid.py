@@ -123,6 +123,15 @@ class HybridSettings:
         if self.fusion not in ("relative", "rrf"):
             raise ValueError(f"fusion must be 'relative' or 'rrf', got {self.fusion!r}")
         _check_weights(self.weights)
+        if self.chunk_size < 0:
+            raise ValueError(
+                f"chunk_size must be >= 0 (0 keeps documents whole), got {self.chunk_size}"
+            )
+        if self.chunk_size and not 0 <= self.chunk_overlap < self.chunk_size:
+            raise ValueError(
+                f"chunk_overlap must be in [0, chunk_size={self.chunk_size}), "
+                f"got {self.chunk_overlap}"
+            )
         if self.candidates < 1:
             raise ValueError(f"candidates must be >= 1, got {self.candidates}")
 
@@ -209,6 +218,24 @@ def _encoder_record(encoder) -> dict[str, Any]:
     }
 
 
+def _make_chunker(settings: HybridSettings, encoder) -> Chunker:
+    """The chunker for these settings; token chunks must fit the encoder with its prompt."""
+    by_token = settings.chunk_unit == "token"
+    if by_token and settings.chunk_size:
+        overhead = len(encoder.tokenize(["x"], "passage")[0][0]) - 1
+        if settings.chunk_size + overhead > encoder.max_length:
+            raise ValueError(
+                f"chunk_size={settings.chunk_size} tokens plus the passage prompt and special "
+                f"tokens ({overhead}) exceed the encoder's max_length={encoder.max_length}"
+            )
+    return Chunker(
+        settings.chunk_size,
+        settings.chunk_overlap,
+        tokenizer=encoder.tokenizer if by_token else None,
+        normalize=settings.normalize_width,
+    )
+
+
 def _write_json(path: Path, value: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with tmp.open("w", encoding="utf-8") as handle:
@@ -253,7 +280,7 @@ class HybridRetriever:
         self._docs: dict[str, dict[str, Any]] = {}  # doc_id -> {"hash", "chunks"}
         self._generation = 0
         self._views: list[dict[str, Any]] | None = None  # filter views in BM25 row order
-        self.chunker = self._make_chunker()
+        self.chunker = _make_chunker(settings, encoder)
 
     # ------------------------------------------------------------------ create / load
 
@@ -284,6 +311,7 @@ class HybridRetriever:
         options = HybridSettings(**settings)
         if isinstance(encoder, (str, os.PathLike)):
             encoder = PEGEncoder.from_pretrained(encoder)
+        _make_chunker(options, encoder)  # reject bad chunking before touching the disk
         path = Path(index_dir) if index_dir is not None else None
         if path is not None:
             if (path / CONFIG_FILE).exists():
@@ -313,7 +341,9 @@ class HybridRetriever:
         config = {
             "format_version": FORMAT_VERSION,
             "encoder": _encoder_record(encoder),
-            "probe": encoder.encode_passages([_PROBE])[0].round(6).tolist(),
+            "probe": encoder.encode_passages([_PROBE], show_progress_bar=False)[0]
+            .round(6)
+            .tolist(),
             "settings": asdict(options),
             "bm25": {"k1": k1, "b": b},
             "store": description,
@@ -393,7 +423,7 @@ class HybridRetriever:
                     f"{path} was built with {key}={saved[key]!r}; this encoder has "
                     f"{getattr(encoder, key)!r}, so its vectors would not match"
                 )
-        probe = encoder.encode_passages([_PROBE])[0]
+        probe = encoder.encode_passages([_PROBE], show_progress_bar=False)[0]
         cosine = float(np.dot(probe, np.asarray(config["probe"], dtype=np.float32)))
         cosine /= float(np.linalg.norm(probe) * np.linalg.norm(config["probe"])) or 1.0
         if cosine < _PROBE_MIN_COSINE:
@@ -401,20 +431,6 @@ class HybridRetriever:
                 f"this encoder's vectors differ from the ones {path} was built with "
                 f"(cosine {cosine:.3f} on a probe text): a different model or changed files"
             )
-
-    def _make_chunker(self) -> Chunker:
-        s = self.settings
-        tokenizer = self.encoder.tokenizer if s.chunk_unit == "token" else None
-        if s.chunk_unit == "token" and s.chunk_size:
-            overhead = len(self.encoder.tokenize(["x"], "passage")[0][0]) - 1
-            if s.chunk_size + overhead > self.encoder.max_length:
-                raise ValueError(
-                    f"chunk_size={s.chunk_size} tokens plus the passage prompt and special "
-                    f"tokens ({overhead}) exceed the encoder's max_length={self.encoder.max_length}"
-                )
-        return Chunker(
-            s.chunk_size, s.chunk_overlap, tokenizer=tokenizer, normalize=s.normalize_width
-        )
 
     # ------------------------------------------------------------------ state on disk
 
@@ -489,6 +505,11 @@ class HybridRetriever:
         self._upsert_vectors([self._chunks[i] for i in missing])
 
     # ------------------------------------------------------------------ add / delete
+
+    @property
+    def encoder_settings(self) -> dict[str, Any]:
+        """The model and settings the index's vectors were made with (as saved)."""
+        return dict(self._config["encoder"])
 
     def __len__(self) -> int:
         """Number of chunks."""

@@ -1,0 +1,107 @@
+"""``peg-rag query``: search a hybrid index built by ``peg-rag index``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "query",
+        help="search a hybrid index",
+        description="Print the chunks that best answer a query, with their source and the "
+        "fused and per-retriever scores. With --queries, answer every line of a JSONL file "
+        "and write one JSON line per query.",
+    )
+    parser.add_argument("query", nargs="?", help="the question (or use --queries)")
+    parser.add_argument("--index-dir", type=Path, required=True, metavar="DIR")
+    parser.add_argument("-k", type=int, default=5, help="results per query (default 5)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    parser.add_argument(
+        "--queries", type=Path, metavar="FILE.jsonl", help='{"id", "text"} per line'
+    )
+    parser.add_argument("--output", type=Path, help="write --queries results here (default stdout)")
+    parser.add_argument(
+        "--method", choices=["hybrid", "dense", "bm25"], default="hybrid", help="default hybrid"
+    )
+    parser.add_argument("--fusion", choices=["relative", "rrf"], help="default: the index's")
+    parser.add_argument(
+        "--filter",
+        type=json.loads,
+        metavar="JSON",
+        help='metadata filter, e.g. \'{"source": "a.md"}\'',
+    )
+    runtime = parser.add_argument_group("encoder runtime")
+    runtime.add_argument("--device", help="cpu, cuda, mps (default: best available)")
+    runtime.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    runtime.add_argument("--quantize", choices=["int8"], help="dynamic int8 Linear layers (CPU)")
+    runtime.add_argument("--batch-size", type=int, default=32, help="queries per forward pass")
+    parser.set_defaults(run=run)
+
+
+def _read_queries(path: Path) -> list[tuple[str, str]]:
+    from peg_rag.jsonl import DataError, read_jsonl, text_field
+
+    def parse(record, where):
+        query_id = record.get("id", record.get("_id"))
+        if query_id is None or str(query_id) == "":
+            raise DataError(where, "missing", "id")
+        return str(query_id), text_field(record, "text", where)
+
+    return list(read_jsonl(path, parse))
+
+
+def _print_text(query: str, results) -> None:
+    print(f"query: {query}")
+    if not results:
+        print("  (no results)")
+    for rank, r in enumerate(results, start=1):
+        source = r.metadata.get("source", r.doc_id)
+        title = f" {r.metadata['title']}" if "title" in r.metadata else ""
+        parts = [
+            f"{name} #{r.ranks[name]} {r.scores[name]:.4f}"
+            for name in ("dense", "bm25")
+            if r.ranks[name] is not None
+        ]
+        print(f"{rank:>3}. {r.score:.4f}  {r.id}  [{source}{title}]  ({', '.join(parts)})")
+        print(textwrap.indent(textwrap.fill(r.text, width=100), "     "))
+
+
+def run(args: argparse.Namespace) -> int:
+    from peg_rag.hybrid import HybridRetriever
+
+    if (args.query is None) == (args.queries is None):
+        raise ValueError("give either a query or --queries FILE.jsonl")
+    if args.k < 1:
+        raise ValueError(f"-k must be >= 1, got {args.k}")
+    pairs = _read_queries(args.queries) if args.queries else [("", args.query)]
+    retriever = HybridRetriever.load(
+        args.index_dir,
+        device=args.device,
+        dtype=args.dtype,
+        quantize=args.quantize,
+        batch_size=args.batch_size,
+    )
+    found = retriever.retrieve_many(
+        [text for _, text in pairs], args.k, args.filter, method=args.method, fusion=args.fusion
+    )
+    if not args.queries:
+        if args.json:
+            results = [r.to_dict() for r in found[0]]
+            print(json.dumps({"query": args.query, "results": results}, ensure_ascii=False))
+        else:
+            _print_text(args.query, found[0])
+        return 0
+    out = args.output.open("w", encoding="utf-8") if args.output else sys.stdout
+    try:
+        for (query_id, text), results in zip(pairs, found, strict=True):
+            line = {"id": query_id, "query": text, "results": [r.to_dict() for r in results]}
+            out.write(json.dumps(line, ensure_ascii=False) + "\n")
+    finally:
+        if args.output:
+            out.close()
+    return 0
