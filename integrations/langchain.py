@@ -7,12 +7,24 @@ One line puts PEG into LangChain:
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import hashlib
+import os
+import threading
+from collections.abc import Iterable
+from typing import Any, Literal
 
+from langchain_core.callbacks import (
+    AsyncCallbackManagerForRetrieverRun,
+    CallbackManagerForRetrieverRun,
+)
+from langchain_core.documents import Document
 from langchain_core.embeddings import Embeddings
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+from langchain_core.retrievers import BaseRetriever
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
+from peg_rag import filters as where_filters
 from peg_rag.encoder import PEGEncoder
+from peg_rag.hybrid import HybridRetriever
 
 from .encoding import (
     DEFAULT_MODEL,
@@ -22,6 +34,7 @@ from .encoding import (
     encoder_options,
     load_encoder,
 )
+from .hybrid import EncoderLike, as_encoder, open_hybrid, result_id, result_metadata
 
 
 class PEGEmbeddings(BaseModel, Embeddings):
@@ -78,3 +91,138 @@ class PEGEmbeddings(BaseModel, Embeddings):
 
     async def aembed_query(self, text: str) -> list[float]:
         return await asyncio.to_thread(self.embed_query, text)
+
+
+class PEGHybridRetriever(BaseRetriever):
+    """A LangChain retriever over :class:`peg_rag.HybridRetriever` (jieba BM25 + dense).
+
+    ``k`` and ``filters`` (a Chroma-style ``where`` dict, applied to both retrievers) are
+    set in the constructor and can be overridden per call:
+    ``retriever.invoke("问题", k=3, filters={"domain": "医保"})``. Each ``Document`` has
+    the id of its document (chunk_size=0) or chunk (``"<doc id>#<n>"``), and its metadata
+    holds ``doc_id``, ``chunk_id``, the fused ``score`` and ``dense_score``/``dense_rank``/
+    ``bm25_score``/``bm25_rank`` besides its own.
+
+    Build one with :meth:`from_texts`, :meth:`from_documents` or :meth:`from_index_dir`.
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    hybrid: HybridRetriever
+    k: int = Field(default=4, gt=0, description="How many documents to return.")
+    filters: dict[str, Any] | None = Field(default=None, description="Chroma-style where.")
+    method: Literal["hybrid", "dense", "bm25"] = "hybrid"
+
+    _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+
+    @field_validator("filters")
+    @classmethod
+    def _valid_filters(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value:
+            where_filters.validate(value)
+        return value or None
+
+    @classmethod
+    def from_texts(
+        cls,
+        texts: Iterable[str],
+        encoder: EncoderLike,
+        *,
+        metadatas: Iterable[dict[str, Any]] | None = None,
+        ids: Iterable[str] | None = None,
+        index_dir: str | os.PathLike[str] | None = None,
+        show_progress: bool = False,
+        k: int = 4,
+        filters: dict[str, Any] | None = None,
+        **settings: Any,
+    ) -> PEGHybridRetriever:
+        """Index texts (ids default to a hash of the text) and return a retriever.
+
+        ``encoder``: a PEGEncoder, a model name or directory, or PEGEmbeddings.
+        ``index_dir``: where the index persists (None: in memory); an existing index
+        there is reused and brought up to date. ``settings`` are HybridRetriever's
+        (chunk_size, chunk_overlap, fusion, weights...).
+        """
+        texts = list(texts)
+        ids = list(ids) if ids is not None else [text_id(t) for t in texts]
+        metadatas = list(metadatas) if metadatas is not None else [{} for _ in texts]
+        if not len(texts) == len(ids) == len(metadatas):
+            raise ValueError(
+                f"{len(texts)} texts, {len(ids)} ids and {len(metadatas)} metadatas: "
+                "give one of each per text"
+            )
+        records = (
+            {"id": i, "text": t, "metadata": m}
+            for i, t, m in zip(ids, texts, metadatas, strict=True)
+        )
+        hybrid = open_hybrid(records, encoder, index_dir, show_progress=show_progress, **settings)
+        return cls(hybrid=hybrid, k=k, filters=filters)
+
+    @classmethod
+    def from_documents(
+        cls, documents: Iterable[Document], encoder: EncoderLike, **kwargs: Any
+    ) -> PEGHybridRetriever:
+        """Index LangChain documents under their ``id`` (a hash of the text when unset)."""
+        documents = list(documents)
+        return cls.from_texts(
+            [d.page_content for d in documents],
+            encoder,
+            metadatas=[d.metadata for d in documents],
+            ids=[d.id or text_id(d.page_content) for d in documents],
+            **kwargs,
+        )
+
+    @classmethod
+    def from_index_dir(
+        cls, index_dir: str | os.PathLike[str], encoder: EncoderLike | None = None, **kwargs: Any
+    ) -> PEGHybridRetriever:
+        """Open an index saved by ``peg-rag index`` or an earlier ``from_texts``.
+
+        The model saved with the index is loaded unless ``encoder`` is given.
+        """
+        model = as_encoder(encoder) if encoder is not None else None
+        loaded = HybridRetriever.load(
+            index_dir, encoder=model if isinstance(model, PEGEncoder) else None
+        )
+        return cls(hybrid=loaded, **kwargs)
+
+    def _get_relevant_documents(
+        self,
+        query: str,
+        *,
+        run_manager: CallbackManagerForRetrieverRun,
+        k: int | None = None,
+        filters: dict[str, Any] | None = None,
+    ) -> list[Document]:
+        with self._lock:  # one retrieval at a time: async callers share this object
+            results = self.hybrid.retrieve(
+                query,
+                k=k or self.k,
+                filters=filters if filters is not None else self.filters,
+                method=self.method,
+            )
+        return [
+            Document(id=result_id(self.hybrid, r), page_content=r.text, metadata=result_metadata(r))
+            for r in results
+        ]
+
+    async def _aget_relevant_documents(
+        self,
+        query: str,
+        *,
+        run_manager: AsyncCallbackManagerForRetrieverRun,
+        k: int | None = None,
+        filters: dict[str, Any] | None = None,
+    ) -> list[Document]:
+        return await asyncio.to_thread(
+            self._get_relevant_documents,
+            query,
+            run_manager=run_manager.get_sync(),
+            k=k,
+            filters=filters,
+        )
+
+
+def text_id(text: str) -> str:
+    """A stable id for a text that came without one."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]

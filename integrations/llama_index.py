@@ -6,13 +6,30 @@ One line puts PEG into LlamaIndex: ``Settings.embed_model = PEGEmbedding("TownsW
 from __future__ import annotations
 
 import asyncio
+import os
+import threading
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from llama_index.core.base.base_retriever import BaseRetriever
 from llama_index.core.base.embeddings.base import BaseEmbedding, Embedding
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.callbacks import CallbackManager
+from llama_index.core.schema import (
+    BaseNode,
+    Document,
+    MetadataMode,
+    NodeRelationship,
+    NodeWithScore,
+    QueryBundle,
+    RelatedNodeInfo,
+    TextNode,
+)
+from llama_index.core.vector_stores.types import FilterCondition, FilterOperator, MetadataFilters
 
+from peg_rag import filters as where_filters
 from peg_rag.encoder import PEGEncoder
+from peg_rag.hybrid import HybridRetriever, RetrievalResult
 
 from .encoding import (
     DEFAULT_MODEL,
@@ -21,6 +38,14 @@ from .encoding import (
     encoder_name,
     encoder_options,
     load_encoder,
+)
+from .hybrid import (
+    RETRIEVAL_KEYS,
+    EncoderLike,
+    as_encoder,
+    open_hybrid,
+    result_id,
+    result_metadata,
 )
 
 
@@ -98,3 +123,181 @@ class PEGEmbedding(BaseEmbedding):
 
     async def _aget_text_embeddings(self, texts: list[str]) -> list[Embedding]:
         return await asyncio.to_thread(self._get_text_embeddings, texts)
+
+
+# LlamaIndex filter operators and their Chroma-style equivalents in peg_rag.filters.
+_OPERATORS = {
+    FilterOperator.EQ: "$eq",
+    FilterOperator.NE: "$ne",
+    FilterOperator.GT: "$gt",
+    FilterOperator.GTE: "$gte",
+    FilterOperator.LT: "$lt",
+    FilterOperator.LTE: "$lte",
+    FilterOperator.IN: "$in",
+    FilterOperator.NIN: "$nin",
+}
+
+
+def to_where(filters: MetadataFilters) -> dict[str, Any] | None:
+    """LlamaIndex ``MetadataFilters`` (nested too) as a Chroma-style ``where`` dict.
+
+    AND and OR conditions and the operators ==, !=, >, >=, <, <=, in and nin are
+    supported; others raise ValueError. An empty filter list means no filter.
+    """
+    clauses = []
+    for item in filters.filters:
+        if isinstance(item, MetadataFilters):
+            nested = to_where(item)
+            if nested:
+                clauses.append(nested)
+            continue
+        operator = getattr(item, "operator", FilterOperator.EQ)
+        if operator not in _OPERATORS:
+            supported = ", ".join(op.value for op in _OPERATORS)
+            raise ValueError(
+                f"filter on {item.key!r}: operator {operator.value!r} is not supported by "
+                f"PEGHybridRetriever; use one of {supported}"
+            )
+        clauses.append({item.key: {_OPERATORS[operator]: item.value}})
+    condition = filters.condition or FilterCondition.AND
+    if condition not in (FilterCondition.AND, FilterCondition.OR):
+        raise ValueError(f"filter condition {condition.value!r} is not supported; use and/or")
+    if len(clauses) <= 1:
+        return clauses[0] if clauses else None
+    return {"$and" if condition == FilterCondition.AND else "$or": clauses}
+
+
+class PEGHybridRetriever(BaseRetriever):
+    """A LlamaIndex retriever over :class:`peg_rag.HybridRetriever` (jieba BM25 + dense).
+
+    It returns ``NodeWithScore`` with the fused score; each node keeps its id and metadata,
+    and its metadata also holds ``doc_id``, ``chunk_id`` and the per-retriever scores and
+    ranks (kept out of what the LLM and the embedder see). With chunk_size=0 a document
+    is its own node and keeps its id; otherwise nodes are chunks ``"<doc id>#<n>"`` with
+    the document as their source. ``filters`` (``MetadataFilters`` or a Chroma-style
+    dict) apply to both retrievers.
+
+    Build one with :meth:`from_documents`, :meth:`from_nodes` or :meth:`from_index_dir`,
+    or wrap an existing HybridRetriever.
+    """
+
+    def __init__(
+        self,
+        retriever: HybridRetriever,
+        *,
+        similarity_top_k: int = 10,
+        filters: MetadataFilters | Mapping[str, Any] | None = None,
+        method: str = "hybrid",
+        callback_manager: CallbackManager | None = None,
+        verbose: bool = False,
+    ) -> None:
+        if similarity_top_k < 1:
+            raise ValueError(f"similarity_top_k must be >= 1, got {similarity_top_k}")
+        super().__init__(callback_manager=callback_manager, verbose=verbose)
+        self.hybrid = retriever
+        self.similarity_top_k = similarity_top_k
+        self.method = method
+        self.filters = filters
+        self._lock = threading.Lock()
+
+    @property
+    def filters(self) -> MetadataFilters | Mapping[str, Any] | None:
+        return self._filters
+
+    @filters.setter
+    def filters(self, value: MetadataFilters | Mapping[str, Any] | None) -> None:
+        where = to_where(value) if isinstance(value, MetadataFilters) else value
+        if where:
+            where_filters.validate(where)
+        self._filters, self._where = value, where or None
+
+    @classmethod
+    def from_documents(
+        cls,
+        documents: Sequence[Document],
+        encoder: EncoderLike,
+        *,
+        index_dir: str | os.PathLike[str] | None = None,
+        show_progress: bool = False,
+        similarity_top_k: int = 10,
+        filters: MetadataFilters | Mapping[str, Any] | None = None,
+        method: str = "hybrid",
+        callback_manager: CallbackManager | None = None,
+        **settings: Any,
+    ) -> PEGHybridRetriever:
+        """Chunk and index LlamaIndex documents under their ``doc_id``.
+
+        ``encoder``: a PEGEncoder, a model name or directory, or a PEGEmbedding.
+        ``index_dir``: where the index persists (None: in memory); an existing index
+        there is reused and brought up to date. ``settings`` are HybridRetriever's
+        (chunk_size, chunk_overlap, fusion, weights...).
+        """
+        records = (
+            {"id": d.doc_id, "text": d.get_content(MetadataMode.NONE), "metadata": d.metadata}
+            for d in documents
+        )
+        hybrid = open_hybrid(records, encoder, index_dir, show_progress=show_progress, **settings)
+        return cls(
+            hybrid,
+            similarity_top_k=similarity_top_k,
+            filters=filters,
+            method=method,
+            callback_manager=callback_manager,
+        )
+
+    @classmethod
+    def from_nodes(
+        cls,
+        nodes: Sequence[BaseNode],
+        encoder: EncoderLike,
+        *,
+        index_dir: str | os.PathLike[str] | None = None,
+        **kwargs: Any,
+    ) -> PEGHybridRetriever:
+        """Index already-split nodes as they are (chunk_size=0): each keeps its node id."""
+        kwargs.setdefault("chunk_size", 0)
+        documents = [
+            Document(id_=n.node_id, text=n.get_content(MetadataMode.NONE), metadata=n.metadata)
+            for n in nodes
+        ]
+        return cls.from_documents(documents, encoder, index_dir=index_dir, **kwargs)
+
+    @classmethod
+    def from_index_dir(
+        cls, index_dir: str | os.PathLike[str], encoder: EncoderLike | None = None, **kwargs: Any
+    ) -> PEGHybridRetriever:
+        """Open an index saved by ``peg-rag index`` or an earlier ``from_documents``.
+
+        The model saved with the index is loaded unless ``encoder`` is given.
+        """
+        model = as_encoder(encoder) if encoder is not None else None
+        loaded = HybridRetriever.load(
+            index_dir, encoder=model if isinstance(model, PEGEncoder) else None
+        )
+        return cls(loaded, **kwargs)
+
+    def _node(self, result: RetrievalResult) -> NodeWithScore:
+        node = TextNode(
+            id_=result_id(self.hybrid, result),
+            text=result.text,
+            metadata=result_metadata(result),
+            excluded_embed_metadata_keys=list(RETRIEVAL_KEYS),
+            excluded_llm_metadata_keys=list(RETRIEVAL_KEYS),
+            start_char_idx=result.start,
+            end_char_idx=result.end,
+            relationships={NodeRelationship.SOURCE: RelatedNodeInfo(node_id=result.doc_id)},
+        )
+        return NodeWithScore(node=node, score=result.score)
+
+    def _retrieve(self, query_bundle: QueryBundle) -> list[NodeWithScore]:
+        with self._lock:  # one retrieval at a time: async callers share this object
+            results = self.hybrid.retrieve(
+                query_bundle.query_str,
+                k=self.similarity_top_k,
+                filters=self._where,
+                method=self.method,
+            )
+        return [self._node(r) for r in results]
+
+    async def _aretrieve(self, query_bundle: QueryBundle) -> list[NodeWithScore]:
+        return await asyncio.to_thread(self._retrieve, query_bundle)

@@ -1,0 +1,83 @@
+"""What the LlamaIndex and LangChain hybrid retrievers share: opening a HybridRetriever and
+describing a result in metadata."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from peg_rag.encoder import PEGEncoder
+from peg_rag.hybrid import CONFIG_FILE, HybridRetriever, RetrievalResult
+
+# Metadata keys a retrieved node/document gets besides its own metadata.
+RETRIEVAL_KEYS = (
+    "doc_id",
+    "chunk_id",
+    "score",
+    "dense_score",
+    "dense_rank",
+    "bm25_score",
+    "bm25_rank",
+)
+
+EncoderLike = PEGEncoder | str | os.PathLike[str] | Any
+
+
+def as_encoder(encoder: EncoderLike) -> PEGEncoder | str:
+    """A PEGEncoder, a model name, or an embedding wrapper with an ``.encoder``."""
+    inner = getattr(encoder, "encoder", None)
+    if isinstance(inner, PEGEncoder):
+        return inner
+    if isinstance(encoder, (PEGEncoder, str, os.PathLike)):
+        return encoder if isinstance(encoder, PEGEncoder) else str(encoder)
+    raise TypeError(
+        f"encoder must be a PEGEncoder, a model name or directory, or PEGEmbedding(s); "
+        f"got {type(encoder).__name__}"
+    )
+
+
+def open_hybrid(
+    records: Iterable[Mapping[str, Any]],
+    encoder: EncoderLike,
+    index_dir: str | os.PathLike[str] | None = None,
+    *,
+    show_progress: bool = False,
+    **settings: Any,
+) -> HybridRetriever:
+    """A HybridRetriever holding ``records`` (``{"id", "text", "metadata"}``).
+
+    With an ``index_dir`` that already holds an index, that index is loaded and the
+    records are added to it: unchanged ones are skipped, changed ones replaced, and
+    ``settings`` (chunking, fusion...) are those saved with it. Otherwise a new index is
+    created there (or in memory for ``index_dir=None``) with ``settings``.
+    """
+    model = as_encoder(encoder)
+    if index_dir is not None and (Path(index_dir) / CONFIG_FILE).is_file():
+        loaded = model if isinstance(model, PEGEncoder) else None
+        retriever = HybridRetriever.load(index_dir, encoder=loaded)
+    else:
+        retriever = HybridRetriever.create(index_dir, model, **settings)
+    retriever.add(records, show_progress=show_progress)
+    return retriever
+
+
+def result_id(retriever: HybridRetriever, result: RetrievalResult) -> str:
+    """The id a framework sees: the document's id when documents are kept whole
+    (chunk_size=0), else the chunk's ``"<doc id>#<n>"``."""
+    return result.doc_id if retriever.settings.chunk_size == 0 else result.id
+
+
+def result_metadata(result: RetrievalResult) -> dict[str, Any]:
+    """The result's own metadata plus where it came from and how each retriever scored it."""
+    return {
+        **result.metadata,
+        "doc_id": result.doc_id,
+        "chunk_id": result.id,
+        "score": result.score,
+        "dense_score": result.scores["dense"],
+        "dense_rank": result.ranks["dense"],
+        "bm25_score": result.scores["bm25"],
+        "bm25_rank": result.ranks["bm25"],
+    }
