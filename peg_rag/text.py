@@ -122,7 +122,8 @@ class Chunker:
 
     def _units(self, text: str) -> tuple[list[tuple[int, int]], list[int]]:
         """Sentence spans with their sizes, over-long sentences cut into pieces that fit."""
-        spans = split_sentences(text)
+        # Only leading whitespace forms a blank span (other whitespace joins its sentence).
+        spans = [(s, e) for s, e in split_sentences(text) if text[s:e].strip()]
         sizes = self._sizes([text[s:e] for s, e in spans])
         units: list[tuple[int, int]] = []
         unit_sizes: list[int] = []
@@ -167,6 +168,7 @@ class Chunker:
         """Greedy packing of unit sizes into [i, j) ranges with sentence-level overlap."""
         ranges: list[tuple[int, int]] = []
         i, n = 0, len(sizes)
+        fresh = 0  # first unit the previous chunk did not contain
         while i < n:
             j, total = i, 0
             while j < n and total + sizes[j] <= self.chunk_size:
@@ -177,14 +179,15 @@ class Chunker:
             if j == n:
                 break
             # Carry trailing units of this chunk into the next, within the overlap budget,
-            # but never the whole chunk (so every step advances) and never so much that
-            # the next unit no longer fits.
+            # but never the whole chunk (so every step advances), never a unit the previous
+            # chunk also held (so no text lands in three chunks), and never so much that the
+            # next unit no longer fits.
             k, carried = j, 0
-            while k - 1 > i and carried + sizes[k - 1] <= self.chunk_overlap:
+            while k - 1 > max(i, fresh - 1) and carried + sizes[k - 1] <= self.chunk_overlap:
                 k -= 1
                 carried += sizes[k]
             while k < j and carried + sizes[j] > self.chunk_size:
                 carried -= sizes[k]
                 k += 1
-            i = k
+            fresh, i = j, k
         return ranges
