@@ -11,7 +11,7 @@ import pytest
 from peg_rag.cli import main
 from peg_rag.encoder import PEGEncoder
 from peg_rag.trainer.beir import load_pairs
-from peg_rag.trainer.evaluate import evaluate_folder, pair_spearman
+from peg_rag.trainer.evaluate import evaluate_folder, load_set, pair_spearman, score_set
 
 DOCS = [
     "医保报销需要准备身份证和医保卡",
@@ -132,3 +132,14 @@ def test_cli_bad_input_fails_before_loading_the_model(tmp_path, capsys):
     assert "queries.jsonl:1: field 'text': missing" in capsys.readouterr().err
     assert main(["eval", str(tmp_path), "--model", str(tmp_path / "no-such-model")]) == 2
     assert "is not a BEIR folder" in capsys.readouterr().err
+
+
+def test_bm25_and_hybrid_through_the_hybrid_retriever(tmp_path, encoder):
+    # "故宫开门" shares words with d2 only; "护照签证" with no document, so BM25 misses it.
+    queries = {"q0": "故宫开门", "q1": "护照签证"}
+    folder = write_beir(tmp_path / "lex", queries, [("q0", "d2", 1), ("q1", "d1", 1)])
+    scores = score_set(encoder, load_set(folder), ["bm25", "hybrid", "dense"])
+    assert list(scores) == ["bm25", "hybrid", "dense"]
+    assert scores["bm25"] == {"ndcg@10": 0.5, "mrr@10": 0.5, "recall@10": 0.5, "recall@100": 0.5}
+    assert scores["hybrid"]["recall@100"] == 1.0  # the dense half returns every document
+    assert scores["dense"] == evaluate_folder(encoder, folder)

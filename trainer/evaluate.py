@@ -54,7 +54,21 @@ Pairs = tuple[list[str], list[str], list[float]]  # as load_pairs returns them
 EvalSet = RetrievalSet | Pairs
 Results = dict[str, dict[str, dict[str, float]]]  # set name -> method -> metric -> score
 
-RUNS = {"dense": dense_run}  # method -> function(encoder, data) -> run
+METHODS = ("dense", "bm25", "hybrid")
+
+
+def hybrid_runs(
+    encoder, data: RetrievalSet, methods: Sequence[str], depth: int = RANK_DEPTH
+) -> dict[str, dict[str, list[str]]]:
+    """Runs of "bm25" and/or "hybrid" from a HybridRetriever over the whole documents.
+
+    Its defaults apply (jieba BM25, relative-score fusion of BM25 with the dense store);
+    the dense half searches the store's HNSW index, while ``dense_run`` is exact.
+    """
+    from peg_rag.hybrid_eval import index_corpus, run_queries
+
+    retriever = index_corpus(data.corpus, encoder)
+    return run_queries(retriever, judged_queries(data), k=depth, methods=methods)
 
 
 def pair_spearman(encoder, pairs: Pairs) -> float:
@@ -86,12 +100,16 @@ def score_set(
     method; a sentence-pair set gives the dense ``spearman`` only, since lexical methods
     do not score pairs.
     """
-    unknown = [m for m in methods if m not in RUNS]
+    unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(RUNS)}")
+        raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
     if not isinstance(data, RetrievalSet):
         return {"dense": {"spearman": pair_spearman(encoder, data)}} if "dense" in methods else {}
-    return {m: retrieval_scores(RUNS[m](encoder, data), data.qrels) for m in methods}
+    runs = {"dense": dense_run(encoder, data)} if "dense" in methods else {}
+    indexed = [m for m in methods if m != "dense"]
+    if indexed:
+        runs.update(hybrid_runs(encoder, data, indexed))
+    return {m: retrieval_scores(runs[m], data.qrels) for m in methods}
 
 
 def evaluate_folder(encoder, folder: str | Path) -> dict[str, float]:

@@ -9,8 +9,6 @@ from pathlib import Path
 
 from .common import add_encoder_arguments, atomic_path, load_encoder
 
-METHODS = ("dense",)
-
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -24,7 +22,12 @@ def register(subparsers) -> None:
     )
     parser.add_argument("paths", nargs="+", type=Path, metavar="PATH")
     parser.add_argument(
-        "--methods", nargs="+", choices=METHODS, default=["dense"], help="retrieval methods"
+        "--methods",
+        nargs="+",
+        choices=["dense", "bm25", "hybrid"],
+        default=["dense"],
+        help="dense: exact search over the model's vectors; bm25 and hybrid: a HybridRetriever "
+        "(jieba BM25, and its fusion with the dense store) over the whole documents",
     )
     parser.add_argument("--output", type=Path, metavar="RESULTS.json", help="write JSON here")
     parser.add_argument("--markdown", type=Path, metavar="TABLE.md", help="write the table here")
