@@ -63,6 +63,28 @@ def read_user_dict(path: str | os.PathLike[str]) -> list[list[Any]]:
     return entries
 
 
+# Loading jieba's dictionary takes most of a second, so segmenters are shared per set of
+# user words. Each is private to peg-rag: user words never leak into jieba's global state.
+_SEGMENTERS: dict[str, Any] = {}
+
+
+def _new_segmenter(user_words: list[list[Any]]):
+    import jieba
+
+    jieba.setLogLevel(logging.WARNING)
+    segmenter = jieba.Tokenizer()
+    if user_words and "[]" in _SEGMENTERS:
+        # Start from the loaded default dictionary instead of reading it again.
+        base = _SEGMENTERS["[]"]
+        segmenter.FREQ, segmenter.total = dict(base.FREQ), base.total
+        segmenter.initialized = True
+    else:
+        segmenter.initialize()
+    for word, freq, tag in user_words:
+        segmenter.add_word(word, freq, tag)
+    return segmenter
+
+
 class ChineseTokenizer:
     """jieba segmentation plus the normalization BM25 needs; fully described by to_json().
 
@@ -112,16 +134,12 @@ class ChineseTokenizer:
         return text.lower() if self.lowercase else text
 
     def _segmenter(self):
-        """A private jieba.Tokenizer (never the global one) with the user words added."""
+        """A private jieba.Tokenizer (never jieba's global one) with the user words added."""
         if self._jieba is None:
-            import jieba
-
-            jieba.setLogLevel(logging.WARNING)
-            segmenter = jieba.Tokenizer()
-            segmenter.initialize()
-            for word, freq, tag in self.user_words:
-                segmenter.add_word(word, freq, tag)
-            self._jieba = segmenter
+            key = json.dumps(self.user_words, ensure_ascii=False)
+            if key not in _SEGMENTERS:
+                _SEGMENTERS[key] = _new_segmenter(self.user_words)
+            self._jieba = _SEGMENTERS[key]
         return self._jieba
 
     def __call__(self, text: str) -> list[str]:
