@@ -102,7 +102,7 @@ def main() -> None:
             "| encoder | nDCG@10 |",
             "| --- | ---: |",
         ]
-        lines += [f"| PEGEncoder {k} | {v['ndcg@10']:.2f} |" for k, v in quality.items()]
+        lines += [f"| PEGEncoder {k} | {100 * v['ndcg@10']:.2f} |" for k, v in quality.items()]
     update_section("encode_throughput", "\n".join(lines))
     print("\n".join(lines))
 
