@@ -132,6 +132,9 @@ def test_cli_bad_input_fails_before_loading_the_model(tmp_path, capsys):
     assert "queries.jsonl:1: field 'text': missing" in capsys.readouterr().err
     assert main(["eval", str(tmp_path), "--model", str(tmp_path / "no-such-model")]) == 2
     assert "is not a BEIR folder" in capsys.readouterr().err
+    folder = write_beir(tmp_path / "unjudged", {"q0": DOCS[0]}, [("q9", "d0", 1)])
+    assert main(["eval", str(folder), "--model", str(tmp_path / "no-such-model")]) == 2
+    assert "lacks, e.g. ['q9']" in capsys.readouterr().err
 
 
 def test_bm25_and_hybrid_through_the_hybrid_retriever(tmp_path, encoder):

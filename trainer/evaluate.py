@@ -88,7 +88,11 @@ def pair_spearman(encoder, pairs: Pairs) -> float:
 def load_set(path: str | Path) -> EvalSet:
     """Read a BEIR folder, or a sentence-pair set (folder holding pairs.tsv, or the file)."""
     pairs = pairs_file(path)
-    return load_pairs(pairs) if pairs is not None else load_beir(path)
+    if pairs is not None:
+        return load_pairs(pairs)
+    data = load_beir(path)
+    judged_queries(data)  # a judged query missing from queries.jsonl fails here, early
+    return data
 
 
 def score_set(
