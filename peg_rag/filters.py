@@ -4,11 +4,13 @@ Supported, as in Chroma: ``{"field": value}`` (equality), ``{"field": {"$eq" | "
 | "$gte" | "$lt" | "$lte" | "$in" | "$nin": operand}}``, and ``{"$and": [...]}`` /
 ``{"$or": [...]}``. A dict with several fields means all of them. As in Chroma, ``$ne``
 and ``$nin`` also match records that lack the field; every other operator needs it, and
-``$gt``/``$gte``/``$lt``/``$lte`` compare numbers only. Booleans never equal numbers.
+``$gt``/``$gte``/``$lt``/``$lte`` compare numbers only. Booleans never equal numbers, and
+an integer value is compared with a float operand truncated toward zero, as Chroma does.
 """
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -59,8 +61,11 @@ def validate(where: Where) -> None:
             if op in ("$in", "$nin"):
                 if not isinstance(operand, Sequence) or isinstance(operand, str) or not operand:
                     raise ValueError(f"field {key!r}: {op} takes a non-empty list")
-                if not all(_scalar(v) for v in operand):
-                    raise ValueError(f"field {key!r}: {op} values must be str, int, float or bool")
+                if not all(_scalar(v) for v in operand) or len({type(v) for v in operand}) > 1:
+                    raise ValueError(
+                        f"field {key!r}: {op} values must all be str, all int, all float "
+                        "or all bool (as Chroma requires)"
+                    )
             elif op in _ORDER:
                 if isinstance(operand, bool) or not isinstance(operand, (int, float)):
                     raise ValueError(f"field {key!r}: {op} compares numbers, got {operand!r}")
@@ -70,22 +75,31 @@ def validate(where: Where) -> None:
             raise ValueError(f"field {key!r}: value must be str, int, float or bool, got {value!r}")
 
 
+def _as_chroma_compares(value: Any, operand: Any) -> Any:
+    """Chroma compares an integer value with a float operand truncated toward zero
+    (``{"year": {"$gte": 2021.5}}`` matches 2021); do the same so both sides agree."""
+    if isinstance(value, int) and not isinstance(value, bool) and isinstance(operand, float):
+        return math.trunc(operand)
+    return operand
+
+
 def _field_matches(metadata: Metadata, key: str, condition: Any) -> bool:
     op, operand = (
         next(iter(condition.items())) if isinstance(condition, Mapping) else ("$eq", condition)
     )
     present = key in metadata
     value = metadata.get(key)
-    if op == "$ne":
-        return not present or not _same(value, operand)
-    if op == "$nin":
-        return not present or not any(_same(value, v) for v in operand)
+    if op in ("$in", "$nin"):
+        hit = any(_same(value, _as_chroma_compares(value, v)) for v in operand)
+    else:
+        operand = _as_chroma_compares(value, operand)
+        hit = _same(value, operand)
+    if op in ("$ne", "$nin"):
+        return not present or not hit
     if not present:
         return False
-    if op == "$eq":
-        return _same(value, operand)
-    if op == "$in":
-        return any(_same(value, v) for v in operand)
+    if op in ("$eq", "$in"):
+        return hit
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
     return _ORDER[op](value, operand)
