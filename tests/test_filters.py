@@ -33,7 +33,8 @@ def conditions(draw):
         return {name: draw(values)}
     if kind in ("$in", "$nin"):  # Chroma wants one type per list
         first = draw(values)
-        same = values.filter(lambda v, t=type(first): type(v) is t)
+        kind_of_first = type(first)
+        same = values.filter(lambda v: type(v) is kind_of_first)
         return {name: {kind: [first, *draw(st.lists(same, max_size=2))]}}
     return {name: {kind: draw(numbers if kind.startswith(("$g", "$l")) else values)}}
 
