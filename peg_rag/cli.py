@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 # Each module defines register(subparsers), which adds its parser and sets ``run``.
-COMMANDS = ("encode", "mine", "eval", "train", "index", "query")
+COMMANDS = ("encode", "mine", "eval", "train", "index", "query", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -72,6 +72,14 @@ def load_sample_kb(path: str | Path | None = None) -> list[Passage]:
     return list(read_jsonl(path or data_path(KB_FILE), _passage))
 
 
+def kb_documents() -> list:
+    """The bundled passages as HybridRetriever documents, read exactly as ``peg-rag index``
+    reads JSONL: the title joined to the text, ``title`` and ``domain`` in the metadata."""
+    from .commands.index import read_documents
+
+    return read_documents(data_path(KB_FILE), KB_FILE)
+
+
 def load_sample_questions(path: str | Path | None = None) -> list[Question]:
     """The bundled evaluation questions (or those of a JSONL file in the same format)."""
     return list(read_jsonl(path or data_path(QUESTIONS_FILE), _question))

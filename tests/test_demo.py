@@ -1,0 +1,155 @@
+"""``peg-rag demo``: model lookup order, the offline fallback, indexing and answering."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+import peg_rag.demo as demo
+from peg_rag.cli import main
+from peg_rag.kb_model import Recipe, build_tokenizer, training_pairs
+from peg_rag.sample_data import kb_documents, load_sample_kb, load_sample_questions
+
+# A fallback recipe small enough for a test: the real one trains for minutes.
+TINY = Recipe(
+    hidden_size=32,
+    layers=1,
+    heads=2,
+    intermediate_size=64,
+    max_length=128,
+    steps=3,
+    batch_size=8,
+)
+
+
+@pytest.fixture
+def offline(monkeypatch) -> None:
+    """No hub model and no $PEG_RAG_MODEL: the demo must fall back."""
+    monkeypatch.delenv(demo.ENV_MODEL, raising=False)
+    monkeypatch.setattr(demo, "find_pretrained", lambda name=demo.HUB_MODEL: None)
+    monkeypatch.setattr(demo, "QUICK", TINY)
+
+
+def test_quick_demo_with_a_given_model_answers_and_reports_hit_at_k(
+    tiny_model_dir, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.delenv(demo.ENV_MODEL, raising=False)
+    args = ["demo", "--quick", "--model", str(tiny_model_dir), "--cache-dir", str(tmp_path)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert f"Model: {tiny_model_dir} (given with --model)" in out
+    assert "300 passages in embedded Chroma + jieba BM25 (300 added" in out
+    assert "hit@5 over 9 questions:" in out
+    answered = [line for line in out.splitlines() if line[:2] in ("✓ ", "✗ ")]
+    assert len(answered) == 9 and sum(line.count("[") for line in answered) == 9
+    for method in ("hybrid", "dense", "bm25"):
+        assert f"  {method:<7} " in out
+    # A rerun reuses the index: nothing is embedded again.
+    assert main(args) == 0
+    assert "(0 added, 0 replaced, 300 unchanged)" in capsys.readouterr().out
+
+
+def test_report_counts_hits_against_gold_ids(tiny_model_dir, tmp_path):
+    from peg_rag import PEGEncoder
+
+    report = demo.run_demo(
+        str(tiny_model_dir),
+        load_encoder=PEGEncoder.from_pretrained,
+        quick=True,
+        cache=tmp_path,
+        out=lambda line: None,
+    )
+    assert report.questions == 9 and report.k == 5
+    assert set(report.hit_at_k) == {"hybrid", "dense", "bm25"}
+    # The passage a question was written for shares words with it: BM25 finds most.
+    assert report.hit_at_k["bm25"] >= 5 / 9
+    assert all(0 <= v <= 1 for v in report.hit_at_k.values())
+
+
+def test_model_from_environment_variable(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv(demo.ENV_MODEL, str(tiny_model_dir))
+    assert main(["demo", "--quick", "--cache-dir", str(tmp_path), "-k", "3"]) == 0
+    out = capsys.readouterr().out
+    assert f"(from ${demo.ENV_MODEL})" in out and "hit@3 over 9 questions" in out
+
+
+def test_hub_model_from_the_local_cache_comes_before_the_fallback(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    import huggingface_hub.constants as hub
+
+    repo = tmp_path / "models--TownsWu--PEG"
+    shutil.copytree(tiny_model_dir, repo / "snapshots" / ("0" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.delenv(demo.ENV_MODEL, raising=False)
+    name, how = demo.resolve_model(None, cache=tmp_path, recipe=TINY, out=print)
+    assert Path(name) == repo / "snapshots" / ("0" * 40) and demo.HUB_MODEL in how
+
+
+def test_fallback_trains_loudly_once_and_is_cached(offline, tmp_path, capsys):
+    args = ["demo", "--quick", "--cache-dir", str(tmp_path)]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert "!! FALLBACK: training a small PEG model from the sample knowledge base" in captured.out
+    assert "Training" in captured.err  # the trainer's progress bar
+    [model_dir] = (tmp_path / "fallback-models").iterdir()
+    assert {"config.json", "model.safetensors", "tokenizer.json", "modules.json"} <= {
+        p.name for p in model_dir.iterdir()
+    }
+    assert "(fallback trained on the knowledge base)" in captured.out
+    assert "hit@5 over 9 questions" in captured.out
+    assert main(args) == 0
+    again = capsys.readouterr()
+    assert "trained on the knowledge base earlier" in again.out and "!!" not in again.out
+    assert "Training" not in again.err
+
+
+def test_fallback_never_reads_the_questions(offline, tmp_path, monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the fallback model must not see the sample questions")
+
+    monkeypatch.setattr(demo, "load_sample_questions", forbidden)
+    monkeypatch.setattr("peg_rag.sample_data.load_sample_questions", forbidden)
+    model_dir = demo.fallback_model(tmp_path, TINY, out=lambda line: None)
+    assert (model_dir / "config.json").is_file()
+
+
+def test_training_pairs_come_from_titles_and_sentences_only():
+    documents = [(p.title, f"{p.title} {p.text}") for p in load_sample_kb()[:20]]
+    pairs = training_pairs(documents, seed=0)
+    wholes = {x for _, x in documents}
+    questions = {q.text for q in load_sample_questions()}
+    assert not questions & {p["query"] for p in pairs}
+    titles = {t for t, _ in documents}
+    assert titles <= {p["query"] for p in pairs}
+    for pair in pairs:
+        [positive] = pair["pos"]
+        if pair["query"] in titles or positive in wholes:
+            assert pair["query"] in positive
+        else:  # the held-out sentence is not in its positive
+            assert pair["query"] not in positive
+
+
+def test_tokenizer_built_from_the_kb_covers_it(tmp_path):
+    texts = [d.text for d in kb_documents()]
+    tokenizer = build_tokenizer(texts, TINY)
+    unk = tokenizer.unk_token_id
+    assert all(unk not in ids for ids in tokenizer(texts)["input_ids"])
+    assert unk not in tokenizer("？！")["input_ids"]
+    assert len(tokenizer) < 5000  # characters of the KB, not all of Unicode
+
+
+def test_chat_mode_answers_typed_questions_with_sources(
+    tiny_model_dir, tmp_path, capsys, monkeypatch
+):
+    typed = iter(["故宫周一开门吗", "exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(typed))
+    args = ["demo", "--chat", "--model", str(tiny_model_dir), "--cache-dir", str(tmp_path)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "Sources:\n[1] " in out and "hit@" not in out
