@@ -102,6 +102,8 @@ class RetrievalResult:
 class HybridSettings:
     """Chunking and retrieval defaults, saved with the index.
 
+    ``chunk_size`` counts encoder tokens (or characters with ``chunk_unit="char"``; 0 keeps
+    documents whole); ``chunk_overlap`` defaults to an eighth of it.
     ``weights`` are per retriever (``dense``, ``bm25``); ``candidates`` is how many
     results each retriever contributes to fusion. The defaults (relative-score fusion,
     dense 0.7 / BM25 0.3, 100 candidates) were chosen once for all data sets; see the
@@ -109,7 +111,7 @@ class HybridSettings:
     """
 
     chunk_size: int = 256
-    chunk_overlap: int = 32
+    chunk_overlap: int | None = None
     chunk_unit: Literal["token", "char"] = "token"
     normalize_width: bool = False
     fusion: Fusion = "relative"
@@ -127,6 +129,8 @@ class HybridSettings:
             raise ValueError(
                 f"chunk_size must be >= 0 (0 keeps documents whole), got {self.chunk_size}"
             )
+        if self.chunk_overlap is None:
+            self.chunk_overlap = self.chunk_size // 8
         if self.chunk_size and not 0 <= self.chunk_overlap < self.chunk_size:
             raise ValueError(
                 f"chunk_overlap must be in [0, chunk_size={self.chunk_size}), "

@@ -83,9 +83,10 @@ class ChromaStore:
 
     @staticmethod
     def _settings():
+        """Client settings: no anonymized telemetry, so nothing leaves the machine."""
         from chromadb.config import Settings
 
-        return Settings(anonymized_telemetry=False, allow_reset=False)
+        return Settings(anonymized_telemetry=False)
 
     @classmethod
     def persistent(

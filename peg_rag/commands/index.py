@@ -153,7 +153,7 @@ def _open_index(args: argparse.Namespace):
         load_encoder(args),
         tokenizer=tokenizer,
         chunk_size=args.chunk_size,
-        chunk_overlap=args.chunk_size // 8 if args.chunk_overlap is None else args.chunk_overlap,
+        chunk_overlap=args.chunk_overlap,
         chunk_unit=args.chunk_unit,
         normalize_width=args.normalize_width,
     )
