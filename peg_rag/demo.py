@@ -30,7 +30,11 @@ HUB_MODEL = "TownsWu/PEG"
 ENV_MODEL = "PEG_RAG_MODEL"
 ENV_CACHE = "PEG_RAG_CACHE"
 QUICK_QUESTIONS_PER_DOMAIN = 3
+# The fallback model knows only the knowledge base's own wording, so BM25 leads the fusion
+# (the mirror image of HybridSettings' default dense 0.7 / BM25 0.3 for pretrained models).
+FALLBACK_WEIGHTS = {"dense": 0.3, "bm25": 0.7}
 BANNER_WIDTH = 78
+FALLBACK_SOURCE = "fallback trained on the knowledge base"
 
 Print = Callable[[str], None]
 
@@ -96,15 +100,17 @@ def resolve_model(model: str | None, *, cache: Path, recipe: Recipe, out: Print)
     found = find_pretrained()
     if found is not None:
         return str(found), f"{HUB_MODEL} (Hugging Face Hub or local cache)"
-    return str(fallback_model(cache, recipe, out)), "fallback trained on the knowledge base"
+    return str(fallback_model(cache, recipe, out)), FALLBACK_SOURCE
 
 
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")[-80:] or "model"
 
 
-def open_index(encoder, index_dir: Path, out: Print):
-    """The demo's hybrid index, reused when it was built with the same vectors."""
+def open_index(encoder, index_dir: Path, out: Print, **settings):
+    """The demo's hybrid index, reused when it was built with the same vectors.
+
+    ``settings`` (fusion weights...) apply when the index is created."""
     from .hybrid import CONFIG_FILE, HybridRetriever
 
     retriever = None
@@ -114,11 +120,16 @@ def open_index(encoder, index_dir: Path, out: Print):
         except ValueError as exc:  # built with another model: start over
             out(f"Rebuilding {index_dir}: {exc}")
     if retriever is None:
-        retriever = HybridRetriever.create(index_dir, encoder, chunk_size=0, overwrite=True)
+        retriever = HybridRetriever.create(
+            index_dir, encoder, chunk_size=0, overwrite=True, **settings
+        )
     report = retriever.add(kb_documents(), show_progress=True)
+    weights = retriever.settings.weights
     out(
         f"Index {index_dir}: {len(retriever)} passages in embedded Chroma + jieba BM25 "
-        f"({report.added} added, {report.replaced} replaced, {report.unchanged} unchanged)."
+        f"({report.added} added, {report.replaced} replaced, {report.unchanged} unchanged); "
+        f"{retriever.settings.fusion} fusion, weights dense {weights['dense']} / "
+        f"BM25 {weights['bm25']}."
     )
     return retriever
 
@@ -221,7 +232,10 @@ def run_demo(
     report.seconds["model"] = time.perf_counter() - started
     mark = time.perf_counter()
     index_dir = index_dir or cache / "demo-index" / _slug(name)
-    retriever = open_index(encoder, index_dir, out)
+    fallback = source == FALLBACK_SOURCE
+    retriever = open_index(
+        encoder, index_dir, out, **({"weights": FALLBACK_WEIGHTS} if fallback else {})
+    )
     report.seconds["index"] = time.perf_counter() - mark
     if interactive:
         chat(retriever, k, out, ask or input)

@@ -48,7 +48,10 @@ def test_quick_demo_with_a_given_model_answers_and_reports_hit_at_k(
         assert f"  {method:<7} " in out
     # A rerun reuses the index: nothing is embedded again.
     assert main(args) == 0
-    assert "(0 added, 0 replaced, 300 unchanged)" in capsys.readouterr().out
+    assert (
+        "(0 added, 0 replaced, 300 unchanged); relative fusion, weights dense 0.7 / BM25 0.3"
+        in (capsys.readouterr().out)
+    )
 
 
 def test_report_counts_hits_against_gold_ids(tiny_model_dir, tmp_path):
@@ -102,6 +105,7 @@ def test_fallback_trains_loudly_once_and_is_cached(offline, tmp_path, capsys):
         p.name for p in model_dir.iterdir()
     }
     assert "(fallback trained on the knowledge base)" in captured.out
+    assert "weights dense 0.3 / BM25 0.7" in captured.out  # BM25 leads a KB-only model
     assert "hit@5 over 9 questions" in captured.out
     assert main(args) == 0
     again = capsys.readouterr()
