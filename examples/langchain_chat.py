@@ -1,14 +1,12 @@
-"""RAG chat with LangChain: PEG hybrid retrieval (jieba BM25 + dense) and a streaming LLM.
+"""RAG chat with LangChain: PEGHybridRetriever feeding a prompt | LLM | parser chain.
 
-    python examples/langchain_chat.py                     # chat over the bundled sample KB
-    python examples/langchain_chat.py my_docs/ -q "问题"    # one question over your files
+    python examples/langchain_chat.py                     # the bundled sample KB, interactive
+    python examples/langchain_chat.py docs/ -q "问题"       # one question over your own files
 
-The LLM is any OpenAI-compatible server (pip install "peg-rag[llm]"), set by environment:
-PEG_RAG_LLM_MODEL (e.g. qwen2.5:7b), PEG_RAG_LLM_BASE_URL (e.g. http://localhost:11434/v1
-for Ollama, http://localhost:8000/v1 for vLLM) and PEG_RAG_LLM_API_KEY if the server wants
-one. Without PEG_RAG_LLM_MODEL the answers are extractive: the top passages, cited.
-The embedding model is --model, else $PEG_RAG_MODEL, else TownsWu/PEG, else the small
-model `peg-rag demo` trains on the sample knowledge base when the hub is unreachable.
+Each turn retrieves for the question, numbers the passages in the system prompt and
+streams the chain's answer with [n] citations; earlier turns go in as chat history.
+The LLM: any OpenAI-compatible server named by $PEG_RAG_LLM_MODEL / _BASE_URL / _API_KEY
+(pip install "peg-rag[llm]"; see peg_rag/rag_chat.py); unset, answers are extractive.
 """
 
 from __future__ import annotations
@@ -34,8 +32,8 @@ from peg_rag.rag_chat import (
     extractive_answer,
     llm_from_env,
     load_chat_encoder,
-    questions,
     read_inputs,
+    typed_questions,
 )
 
 PROMPT = ChatPromptTemplate.from_messages(
@@ -84,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     answer = PROMPT | llm | StrOutputParser() if llm is not None else None
     print(f"{len(documents)} documents indexed; LLM: {llm.model_name if llm else 'none'}")
     history: list[BaseMessage] = []
-    for question in questions(args.question):
+    for question in typed_questions(args.question):
         sources = sources_of(retriever.invoke(question))
         if answer is not None:
             inputs = {"context": context_block(sources), "history": history, "question": question}

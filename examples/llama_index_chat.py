@@ -1,14 +1,12 @@
-"""RAG chat with LlamaIndex: PEG hybrid retrieval (jieba BM25 + dense) and a streaming LLM.
+"""RAG chat with LlamaIndex: PEGHybridRetriever in a CondensePlusContextChatEngine.
 
-    python examples/llama_index_chat.py                   # chat over the bundled sample KB
-    python examples/llama_index_chat.py my_docs/ -q "问题"  # one question over your files
+    python examples/llama_index_chat.py                   # the bundled sample KB, interactive
+    python examples/llama_index_chat.py docs/ -q "问题"     # one question over your own files
 
-The LLM is any OpenAI-compatible server (pip install "peg-rag[llm]"), set by environment:
-PEG_RAG_LLM_MODEL (e.g. qwen2.5:7b), PEG_RAG_LLM_BASE_URL (e.g. http://localhost:11434/v1
-for Ollama, http://localhost:8000/v1 for vLLM) and PEG_RAG_LLM_API_KEY if the server wants
-one. Without PEG_RAG_LLM_MODEL the answers are extractive: the top passages, cited.
-The embedding model is --model, else $PEG_RAG_MODEL, else TownsWu/PEG, else the small
-model `peg-rag demo` trains on the sample knowledge base when the hub is unreachable.
+Follow-up questions are condensed with the chat history before retrieval; a node
+postprocessor numbers the retrieved passages so the streamed answer can cite them as [n].
+The LLM: any OpenAI-compatible server named by $PEG_RAG_LLM_MODEL / _BASE_URL / _API_KEY
+(pip install "peg-rag[llm]"; see peg_rag/rag_chat.py); unset, answers are extractive.
 """
 
 from __future__ import annotations
@@ -33,8 +31,8 @@ from peg_rag.rag_chat import (
     extractive_answer,
     llm_from_env,
     load_chat_encoder,
-    questions,
     read_inputs,
+    typed_questions,
 )
 
 CONTEXT_PROMPT = SYSTEM_PROMPT + "\n\n参考资料：\n{context_str}"
@@ -94,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             retriever, llm=llm, context_prompt=CONTEXT_PROMPT, node_postprocessors=[NumberSources()]
         )
     print(f"{len(documents)} documents indexed; LLM: {llm.model if llm else 'none'}")
-    for question in questions(args.question):
+    for question in typed_questions(args.question):
         if engine is not None:
             response = engine.stream_chat(question)
             for token in response.response_gen:  # the answer as it is generated

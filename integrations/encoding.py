@@ -6,6 +6,8 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+
 from peg_rag.encoder import PEGEncoder
 
 DEFAULT_MODEL = "TownsWu/PEG"
@@ -83,3 +85,43 @@ class EncoderRunner:
         """Passage vectors as lists; ``options`` go to PEGEncoder.encode."""
         with self._lock:
             return self.encoder.encode_passages(texts, **options).tolist()
+
+
+class EncoderOptions(BaseModel):
+    """The model and PEGEncoder's loading options as fields of an embedding wrapper.
+
+    Options left None follow the model's files; after loading, every field shows the
+    setting actually in use (also when a ready encoder was passed).
+    """
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    model_name: str = Field(default=DEFAULT_MODEL, description="Hub id or local model directory.")
+    pooling: str | None = Field(default=None, description="'cls' or 'mean'.")
+    normalize: bool | None = Field(default=None, description="L2-normalize vectors.")
+    query_instruction: str | None = Field(default=None, description="Prefix for queries.")
+    passage_instruction: str | None = Field(default=None, description="Prefix for passages.")
+    max_length: int | None = Field(default=None, description="Max tokens per text.")
+    device: str | None = Field(default=None, description="cpu, cuda, mps (default: best).")
+    dtype: str | None = Field(default=None, description="float32, bfloat16 or float16.")
+    quantize: str | None = Field(default=None, description="'int8': dynamic int8 on CPU.")
+    trust_remote_code: bool = Field(default=False, description="Run code shipped with the model.")
+
+    _runner: EncoderRunner = PrivateAttr()
+
+    def _start(self, encoder: PEGEncoder | None) -> None:
+        """Load the model (or take ``encoder``) and record the settings in use."""
+        options = {name: getattr(self, name) for name in LOAD_OPTIONS}
+        self._runner = EncoderRunner(load_encoder(self.model_name, encoder, options))
+        for name, value in encoder_options(self._runner.encoder).items():
+            setattr(self, name, value)
+
+    @property
+    def encoder(self) -> PEGEncoder:
+        """The PEGEncoder behind these embeddings."""
+        return self._runner.encoder
+
+
+def wrapper_name(model_name: str | None, encoder: PEGEncoder | None) -> str:
+    """``model_name``, else where a given encoder came from, else the default model."""
+    return model_name or (encoder_name(encoder) if encoder is not None else "") or DEFAULT_MODEL

@@ -53,14 +53,20 @@ def open_hybrid(
     ``settings`` (chunking, fusion...) are those saved with it. Otherwise a new index is
     created there (or in memory for ``index_dir=None``) with ``settings``.
     """
-    model = as_encoder(encoder)
     if index_dir is not None and (Path(index_dir) / CONFIG_FILE).is_file():
-        loaded = model if isinstance(model, PEGEncoder) else None
-        retriever = HybridRetriever.load(index_dir, encoder=loaded)
+        retriever = load_hybrid(index_dir, encoder)
     else:
-        retriever = HybridRetriever.create(index_dir, model, **settings)
+        retriever = HybridRetriever.create(index_dir, as_encoder(encoder), **settings)
     retriever.add(records, show_progress=show_progress)
     return retriever
+
+
+def load_hybrid(
+    index_dir: str | os.PathLike[str], encoder: EncoderLike | None = None
+) -> HybridRetriever:
+    """Open a saved index; its own model is loaded unless a PEGEncoder (or wrapper) is given."""
+    model = as_encoder(encoder) if encoder is not None else None
+    return HybridRetriever.load(index_dir, encoder=model if isinstance(model, PEGEncoder) else None)
 
 
 def result_id(retriever: HybridRetriever, result: RetrievalResult) -> str:

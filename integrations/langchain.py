@@ -20,24 +20,17 @@ from langchain_core.callbacks import (
 from langchain_core.documents import Document
 from langchain_core.embeddings import Embeddings
 from langchain_core.retrievers import BaseRetriever
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
+from pydantic import ConfigDict, Field, PrivateAttr, field_validator
 
 from peg_rag import filters as where_filters
 from peg_rag.encoder import PEGEncoder
 from peg_rag.hybrid import HybridRetriever
 
-from .encoding import (
-    DEFAULT_MODEL,
-    LOAD_OPTIONS,
-    EncoderRunner,
-    encoder_name,
-    encoder_options,
-    load_encoder,
-)
-from .hybrid import EncoderLike, as_encoder, open_hybrid, result_id, result_metadata
+from .encoding import EncoderOptions, wrapper_name
+from .hybrid import EncoderLike, load_hybrid, open_hybrid, result_id, result_metadata
 
 
-class PEGEmbeddings(BaseModel, Embeddings):
+class PEGEmbeddings(EncoderOptions, Embeddings):
     """LangChain embeddings backed by :class:`peg_rag.PEGEncoder`.
 
     ``model_name`` is a hub id or a local directory, as for ``HuggingFaceEmbeddings``;
@@ -49,34 +42,13 @@ class PEGEmbeddings(BaseModel, Embeddings):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    model_name: str = Field(default=DEFAULT_MODEL, description="Hub id or local model directory.")
     batch_size: int = Field(default=32, gt=0, description="Texts per forward pass.")
     show_progress: bool = Field(default=False, description="Show a progress bar when encoding.")
-    pooling: str | None = Field(default=None, description="'cls' or 'mean'.")
-    normalize: bool | None = Field(default=None, description="L2-normalize vectors.")
-    query_instruction: str | None = Field(default=None, description="Prefix for queries.")
-    passage_instruction: str | None = Field(default=None, description="Prefix for documents.")
-    max_length: int | None = Field(default=None, description="Max tokens per text.")
-    device: str | None = Field(default=None, description="cpu, cuda, mps (default: best).")
-    dtype: str | None = Field(default=None, description="float32, bfloat16 or float16.")
-    quantize: str | None = Field(default=None, description="'int8': dynamic int8 on CPU.")
-    trust_remote_code: bool = Field(default=False, description="Run code shipped with the model.")
-
-    _runner: EncoderRunner = PrivateAttr()
 
     def __init__(self, *, encoder: PEGEncoder | None = None, **kwargs: Any) -> None:
-        if encoder is not None and "model_name" not in kwargs:
-            kwargs["model_name"] = encoder_name(encoder) or DEFAULT_MODEL
+        kwargs["model_name"] = wrapper_name(kwargs.get("model_name"), encoder)
         super().__init__(**kwargs)
-        options = {name: getattr(self, name) for name in LOAD_OPTIONS}
-        self._runner = EncoderRunner(load_encoder(self.model_name, encoder, options))
-        for name, value in encoder_options(self.encoder).items():  # record what was loaded
-            setattr(self, name, value)
-
-    @property
-    def encoder(self) -> PEGEncoder:
-        """The PEGEncoder behind these embeddings."""
-        return self._runner.encoder
+        self._start(encoder)
 
     def embed_documents(self, texts: list[str]) -> list[list[float]]:
         return self._runner.passages(
@@ -180,11 +152,7 @@ class PEGHybridRetriever(BaseRetriever):
 
         The model saved with the index is loaded unless ``encoder`` is given.
         """
-        model = as_encoder(encoder) if encoder is not None else None
-        loaded = HybridRetriever.load(
-            index_dir, encoder=model if isinstance(model, PEGEncoder) else None
-        )
-        return cls(hybrid=loaded, **kwargs)
+        return cls(hybrid=load_hybrid(index_dir, encoder), **kwargs)
 
     def _get_relevant_documents(
         self,

@@ -13,7 +13,7 @@ from typing import Any
 
 from llama_index.core.base.base_retriever import BaseRetriever
 from llama_index.core.base.embeddings.base import BaseEmbedding, Embedding
-from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.bridge.pydantic import Field
 from llama_index.core.callbacks import CallbackManager
 from llama_index.core.schema import (
     BaseNode,
@@ -31,25 +31,18 @@ from peg_rag import filters as where_filters
 from peg_rag.encoder import PEGEncoder
 from peg_rag.hybrid import HybridRetriever, RetrievalResult
 
-from .encoding import (
-    DEFAULT_MODEL,
-    LOAD_OPTIONS,
-    EncoderRunner,
-    encoder_name,
-    encoder_options,
-    load_encoder,
-)
+from .encoding import EncoderOptions, wrapper_name
 from .hybrid import (
     RETRIEVAL_KEYS,
     EncoderLike,
-    as_encoder,
+    load_hybrid,
     open_hybrid,
     result_id,
     result_metadata,
 )
 
 
-class PEGEmbedding(BaseEmbedding):
+class PEGEmbedding(EncoderOptions, BaseEmbedding):
     """A LlamaIndex embed model backed by :class:`peg_rag.PEGEncoder`.
 
     ``model_name`` is a hub id or a local directory, as for ``HuggingFaceEmbedding``;
@@ -60,50 +53,17 @@ class PEGEmbedding(BaseEmbedding):
     worker thread, so the event loop keeps running meanwhile.
     """
 
-    model_name: str = Field(default=DEFAULT_MODEL, description="Hub id or local model directory.")
     embed_batch_size: int = Field(default=32, gt=0, le=2048, description="Texts per forward pass.")
-    pooling: str | None = Field(default=None, description="'cls' or 'mean'.")
-    normalize: bool | None = Field(default=None, description="L2-normalize vectors.")
-    query_instruction: str | None = Field(default=None, description="Prefix for queries.")
-    passage_instruction: str | None = Field(default=None, description="Prefix for passages.")
-    max_length: int | None = Field(default=None, description="Max tokens per text.")
-    device: str | None = Field(default=None, description="cpu, cuda, mps (default: best).")
-    dtype: str | None = Field(default=None, description="float32, bfloat16 or float16.")
-    quantize: str | None = Field(default=None, description="'int8': dynamic int8 on CPU.")
-    trust_remote_code: bool = Field(default=False, description="Run code shipped with the model.")
-
-    _runner: EncoderRunner = PrivateAttr()
 
     def __init__(
-        self,
-        model_name: str | None = None,
-        *,
-        encoder: PEGEncoder | None = None,
-        embed_batch_size: int = 32,
-        callback_manager: CallbackManager | None = None,
-        **kwargs: Any,
+        self, model_name: str | None = None, *, encoder: PEGEncoder | None = None, **kwargs: Any
     ) -> None:
-        options = {name: kwargs.pop(name, None) for name in LOAD_OPTIONS}
-        name = model_name or (encoder_name(encoder) if encoder else "") or DEFAULT_MODEL
-        loaded = load_encoder(name, encoder, options)
-        super().__init__(
-            model_name=name,
-            embed_batch_size=embed_batch_size,
-            callback_manager=callback_manager,
-            trust_remote_code=bool(options["trust_remote_code"]),
-            **encoder_options(loaded),
-            **kwargs,
-        )
-        self._runner = EncoderRunner(loaded)
+        super().__init__(model_name=wrapper_name(model_name, encoder), **kwargs)
+        self._start(encoder)
 
     @classmethod
     def class_name(cls) -> str:
         return "PEGEmbedding"
-
-    @property
-    def encoder(self) -> PEGEncoder:
-        """The PEGEncoder behind this embed model."""
-        return self._runner.encoder
 
     def _get_query_embedding(self, query: str) -> Embedding:
         return self._runner.queries([query])[0]
@@ -270,11 +230,7 @@ class PEGHybridRetriever(BaseRetriever):
 
         The model saved with the index is loaded unless ``encoder`` is given.
         """
-        model = as_encoder(encoder) if encoder is not None else None
-        loaded = HybridRetriever.load(
-            index_dir, encoder=model if isinstance(model, PEGEncoder) else None
-        )
-        return cls(loaded, **kwargs)
+        return cls(load_hybrid(index_dir, encoder), **kwargs)
 
     def _node(self, result: RetrievalResult) -> NodeWithScore:
         node = TextNode(

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .kb_model import QUICK, Recipe, train_kb_model
 from .model_files import ModelNotFoundError, resolve_model_dir
-from .rag_chat import Source, citation_lines, extractive_answer
+from .rag_chat import Source, citation_lines, extractive_answer, typed_questions
 from .sample_data import Question, kb_documents, load_sample_questions
 
 HUB_MODEL = "TownsWu/PEG"
@@ -190,19 +190,10 @@ def answer_questions(retriever, questions: list[Question], k: int, out: Print) -
     return hits
 
 
-def chat(retriever, k: int, out: Print, ask: Callable[[str], str]) -> None:
-    """Answer typed questions extractively with cited passages until EOF or 'exit'."""
-    out(
-        "\nAsk a question (empty line or 'exit' to quit). Answers are extractive: the top "
-        "passages, cited; examples/*_chat.py add an LLM."
-    )
-    while True:
-        try:
-            question = ask("\n问题> ").strip()
-        except EOFError:
-            break
-        if question.lower() in ("", "exit", "quit"):
-            break
+def chat(retriever, k: int, out: Print) -> None:
+    """Answer typed questions extractively with cited passages."""
+    out("Answers are extractive: the top passages, cited (examples/*_chat.py add an LLM).")
+    for question in typed_questions(None):
         results = retriever.retrieve(question, k)
         sources = [Source(r.doc_id, r.text, r.score, r.metadata.get("title", "")) for r in results]
         out(extractive_answer(sources))
@@ -219,7 +210,6 @@ def run_demo(
     cache: Path | None = None,
     index_dir: Path | None = None,
     out: Print = print,
-    ask: Callable[[str], str] | None = None,
 ) -> DemoReport:
     """Run the demo; ``load_encoder(name)`` builds the PEGEncoder (CLI options applied)."""
     started = time.perf_counter()
@@ -238,7 +228,7 @@ def run_demo(
     )
     report.seconds["index"] = time.perf_counter() - mark
     if interactive:
-        chat(retriever, k, out, ask or input)
+        chat(retriever, k, out)
     else:
         questions = load_sample_questions()
         if quick:

@@ -145,7 +145,7 @@ def read_inputs(paths: Sequence[Path]) -> list:
     return documents
 
 
-def questions(one: str | None) -> Iterator[str]:
+def typed_questions(one: str | None) -> Iterator[str]:
     """The one question given, or questions typed until EOF, an empty line or 'exit'."""
     if one is not None:
         yield one

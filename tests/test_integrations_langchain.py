@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from integration_utils import make_slow, ticks_during
 from langchain_core.documents import Document
 from langchain_core.language_models.fake_chat_models import ParrotFakeChatModel
 from langchain_core.output_parsers import StrOutputParser
@@ -92,29 +91,8 @@ def test_empty_text_fails_loudly(embeddings: PEGEmbeddings):
 
 
 def test_async_embedding_leaves_the_event_loop_free(embeddings: PEGEmbeddings, monkeypatch):
-    slow = embeddings.encoder.encode_passages
-
-    def encode_slowly(texts, **kwargs):
-        time.sleep(0.3)  # a model busy on the CPU
-        return slow(texts, **kwargs)
-
-    monkeypatch.setattr(embeddings.encoder, "encode_passages", encode_slowly)
-
-    async def main() -> tuple[list, int]:
-        ticks = 0
-
-        async def tick() -> None:
-            nonlocal ticks
-            while True:
-                await asyncio.sleep(0.01)
-                ticks += 1
-
-        ticker = asyncio.create_task(tick())
-        vectors = await embeddings.aembed_documents(["一", "二", "三"])
-        ticker.cancel()
-        return vectors, ticks
-
-    vectors, ticks = asyncio.run(main())
+    make_slow(monkeypatch, embeddings.encoder, "encode_passages")
+    vectors, ticks = ticks_during(lambda: embeddings.aembed_documents(["一", "二", "三"]))
     assert len(vectors) == 3 and ticks >= 10
 
 

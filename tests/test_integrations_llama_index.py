@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from integration_utils import make_slow, ticks_during
 from llama_index.core import Document, Settings, StorageContext, VectorStoreIndex
 from llama_index.core.callbacks import CallbackManager, CBEventType, LlamaDebugHandler
 from llama_index.core.chat_engine import CondensePlusContextChatEngine
@@ -129,29 +129,8 @@ def test_callbacks_and_instrumentation_events_fire(encoder: PEGEncoder):
 
 
 def test_async_embedding_leaves_the_event_loop_free(embed_model, encoder, monkeypatch):
-    encode = encoder.encode_queries
-
-    def encode_slowly(texts, **kwargs):
-        time.sleep(0.3)  # a model busy on the CPU
-        return encode(texts, **kwargs)
-
-    monkeypatch.setattr(encoder, "encode_queries", encode_slowly)
-
-    async def main() -> tuple[list[float], int]:
-        ticks = 0
-
-        async def tick() -> None:
-            nonlocal ticks
-            while True:
-                await asyncio.sleep(0.01)
-                ticks += 1
-
-        ticker = asyncio.create_task(tick())
-        vector = await embed_model.aget_query_embedding("故宫")
-        ticker.cancel()
-        return vector, ticks
-
-    vector, ticks = asyncio.run(main())
+    make_slow(monkeypatch, encoder, "encode_queries")
+    vector, ticks = ticks_during(lambda: embed_model.aget_query_embedding("故宫"))
     assert len(vector) == encoder.dim and ticks >= 10
 
 
