@@ -80,7 +80,8 @@ def fallback_model(cache: Path, recipe: Recipe, out: Print) -> Path:
             f"({recipe.layers}-layer BERT, {recipe.hidden_size} wide, tokenizer built from the "
             f"passages, {recipe.steps} steps",
             "on pairs derived from passage titles and sentences; never the sample questions).",
-            f"It is cached in {target.parent} and is much weaker than {HUB_MODEL}.",
+            f"It is cached in {target.parent}, so this happens once. It is much weaker than",
+            f"{HUB_MODEL}: give --model or $PEG_RAG_MODEL to use a pretrained model.",
         ],
         out,
     )

@@ -157,3 +157,17 @@ def test_chat_mode_answers_typed_questions_with_sources(
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "Sources:\n[1] " in out and "hit@" not in out
+
+
+@pytest.mark.slow
+def test_pretrained_model_answers_most_sample_questions(me5_dir, tmp_path):
+    """With a real pretrained model the sample questions are mostly answerable: the
+    questions are paraphrases, but fair ones."""
+    from peg_rag import PEGEncoder
+
+    report = demo.run_demo(
+        str(me5_dir), load_encoder=PEGEncoder.from_pretrained, cache=tmp_path, out=print
+    )
+    assert report.questions == 90
+    assert report.hit_at_k["hybrid"] >= 0.9
+    assert report.hit_at_k["hybrid"] >= report.hit_at_k["bm25"]
