@@ -95,8 +95,11 @@ class ChromaStore:
         """Embedded Chroma (``chromadb.PersistentClient``) stored under ``path``."""
         import chromadb
 
-        client = chromadb.PersistentClient(path=str(path), settings=cls._settings())
-        return cls(client, collection, {"kind": "chroma-persistent", "path": str(path)}, **kwargs)
+        # Absolute: chromadb caches clients per path string, so a relative path could
+        # reach another directory's database after a chdir.
+        path = os.path.abspath(path)
+        client = chromadb.PersistentClient(path=path, settings=cls._settings())
+        return cls(client, collection, {"kind": "chroma-persistent", "path": path}, **kwargs)
 
     @classmethod
     def http(
