@@ -64,7 +64,7 @@ QUICK = Recipe(hidden_size=64, layers=2, heads=2, intermediate_size=128, steps=2
 def build_tokenizer(texts: Sequence[str], recipe: Recipe):
     """A BERT WordPiece tokenizer (one token per CJK character) trained on ``texts``."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import BertTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     core = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     core.normalizer = normalizers.BertNormalizer(handle_chinese_chars=True, lowercase=True)
@@ -84,7 +84,7 @@ def build_tokenizer(texts: Sequence[str], recipe: Recipe):
         pair="[CLS] $A [SEP] $B [SEP]",
         special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
     )
-    return BertTokenizerFast(
+    return PreTrainedTokenizerFast(
         tokenizer_object=core,
         unk_token="[UNK]",
         pad_token="[PAD]",
