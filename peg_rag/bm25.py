@@ -322,13 +322,13 @@ class BM25Index:
         path.mkdir(parents=True, exist_ok=True)
         model = self._built()
         lengths = np.array([len(t) for t in self._tokens], dtype=np.int64)
-        arrays = {
+        arrays: dict[str, np.ndarray] = {
             "tokens": np.concatenate(self._tokens) if self._tokens else np.empty(0, np.int32),
             "lengths": lengths,
         }
         if self.ids:
             arrays.update({name: model.scores[name] for name in ("data", "indices", "indptr")})
-        np.savez(path / _ARRAYS_FILE, **arrays)
+        np.savez(path / _ARRAYS_FILE, allow_pickle=False, **arrays)  # type: ignore[arg-type]
         _write_json(path / _TOKENIZER_FILE, self.tokenizer.to_json())
         _write_json(
             path / _INDEX_FILE,

@@ -178,7 +178,7 @@ def _as_document(item: Document | Mapping[str, Any], position: int) -> Document:
         unknown = set(item) - {"id", "text", "metadata"}
         if unknown:
             raise ValueError(f"documents[{position}]: unknown keys {sorted(unknown)}")
-        doc = Document(item.get("id"), item.get("text"), dict(item.get("metadata") or {}))
+        doc = Document(item.get("id"), item.get("text"), dict(item.get("metadata") or {}))  # type: ignore[arg-type]
     else:
         raise TypeError(
             f"documents[{position}] is {type(item).__name__}, expected Document or dict"
@@ -234,7 +234,7 @@ def _make_chunker(settings: HybridSettings, encoder) -> Chunker:
             )
     return Chunker(
         settings.chunk_size,
-        settings.chunk_overlap,
+        settings.chunk_overlap or 0,
         tokenizer=encoder.tokenizer if by_token else None,
         normalize=settings.normalize_width,
     )

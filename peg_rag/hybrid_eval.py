@@ -10,9 +10,9 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .hybrid import Document, HybridRetriever
+from .hybrid import Document, HybridRetriever, Method
 
-METHODS = ("bm25", "dense", "hybrid")
+METHODS: tuple[Method, ...] = ("bm25", "dense", "hybrid")
 
 
 def index_corpus(
@@ -39,7 +39,7 @@ def run_queries(
     queries: Mapping[str, str],
     *,
     k: int = 100,
-    methods: Sequence[str] = METHODS,
+    methods: Sequence[Method] = METHODS,
     **options: Any,
 ) -> dict[str, dict[str, list[str]]]:
     """``{method: {query_id: [doc_id, ...]}}`` ranked best first, at most k per query.

@@ -179,7 +179,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{len(files)} files, all unchanged since the last run: nothing to do")
         return 0
     retriever = _open_index(args)
-    documents, owner = [], {}
+    documents: list = []
+    owner: dict[str, str] = {}
     for source, (path, _) in tqdm(changed.items(), desc="Reading", unit="file"):
         for doc in read_documents(path, source):
             if doc.id in owner:

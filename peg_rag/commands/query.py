@@ -98,8 +98,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     out = args.output.open("w", encoding="utf-8") if args.output else sys.stdout
     try:
-        for (query_id, text), results in zip(pairs, found, strict=True):
-            line = {"id": query_id, "query": text, "results": [r.to_dict() for r in results]}
+        for (query_id, text), answers in zip(pairs, found, strict=True):
+            line = {"id": query_id, "query": text, "results": [r.to_dict() for r in answers]}
             out.write(json.dumps(line, ensure_ascii=False) + "\n")
     finally:
         if args.output:
