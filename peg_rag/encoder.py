@@ -199,7 +199,9 @@ class PEGEncoder:
             return self.passage_instruction or ""
         raise ValueError(f"kind must be 'query', 'passage' or None, got {kind!r}")
 
-    def tokenize(self, texts: Sequence[str], kind: Kind | None = None) -> tuple[list[list[int]], int]:
+    def tokenize(
+        self, texts: Sequence[str], kind: Kind | None = None
+    ) -> tuple[list[list[int]], int]:
         """Validate, prefix and tokenize texts to at most max_length ids each.
 
         Returns the id lists and how many texts were truncated.
@@ -258,7 +260,9 @@ class PEGEncoder:
         if truncated:
             logger.warning(
                 "%d of %d texts were longer than max_length=%d tokens and were truncated",
-                truncated, len(ids), self.max_length,
+                truncated,
+                len(ids),
+                self.max_length,
             )
         out = np.empty((len(ids), self.dim), dtype=np.float32)
         if not ids:

@@ -105,12 +105,21 @@ def write_st_settings(model_dir: Path, dim: int, settings: STSettings) -> None:
     """Write the files sentence-transformers needs to load model_dir with these settings."""
     modules = [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {
+            "idx": 1,
+            "name": "1",
+            "path": "1_Pooling",
+            "type": "sentence_transformers.models.Pooling",
+        },
     ]
     if settings.normalize:
         modules.append(
-            {"idx": 2, "name": "2", "path": "2_Normalize",
-             "type": "sentence_transformers.models.Normalize"}
+            {
+                "idx": 2,
+                "name": "2",
+                "path": "2_Normalize",
+                "type": "sentence_transformers.models.Normalize",
+            }
         )
         (model_dir / "2_Normalize").mkdir(exist_ok=True)
     pooling_dir = model_dir / "1_Pooling"

@@ -69,26 +69,44 @@ def test_instructions_prefix_only_their_kind(tiny_model_dir):
 def write_st_files(directory, *, pooling, prompts, max_seq_length=64, normalize=True):
     modules = [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {
+            "idx": 1,
+            "name": "1",
+            "path": "1_Pooling",
+            "type": "sentence_transformers.models.Pooling",
+        },
     ]
     if normalize:
-        modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
-                        "type": "sentence_transformers.models.Normalize"})
+        modules.append(
+            {
+                "idx": 2,
+                "name": "2",
+                "path": "2_Normalize",
+                "type": "sentence_transformers.models.Normalize",
+            }
+        )
     (directory / "modules.json").write_text(json.dumps(modules))
     (directory / "1_Pooling").mkdir(exist_ok=True)
-    (directory / "1_Pooling" / "config.json").write_text(json.dumps({
-        "word_embedding_dimension": 32,
-        "pooling_mode_cls_token": pooling == "cls",
-        "pooling_mode_mean_tokens": pooling == "mean",
-    }))
+    (directory / "1_Pooling" / "config.json").write_text(
+        json.dumps(
+            {
+                "word_embedding_dimension": 32,
+                "pooling_mode_cls_token": pooling == "cls",
+                "pooling_mode_mean_tokens": pooling == "mean",
+            }
+        )
+    )
     (directory / "config_sentence_transformers.json").write_text(json.dumps({"prompts": prompts}))
-    (directory / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_seq_length}))
+    (directory / "sentence_bert_config.json").write_text(
+        json.dumps({"max_seq_length": max_seq_length})
+    )
 
 
 def test_settings_detected_from_sentence_transformers_files(tiny_model_dir, tmp_path):
     model_dir = shutil.copytree(tiny_model_dir, tmp_path / "m")
-    write_st_files(model_dir, pooling="mean", prompts={"query": "q: ", "document": "d: "},
-                   normalize=False)
+    write_st_files(
+        model_dir, pooling="mean", prompts={"query": "q: ", "document": "d: "}, normalize=False
+    )
     enc = PEGEncoder.from_pretrained(model_dir, device="cpu")
     assert (enc.pooling, enc.normalize, enc.max_length) == ("mean", False, 64)
     assert (enc.query_instruction, enc.passage_instruction) == ("q: ", "d: ")
@@ -104,8 +122,12 @@ def test_round_trip_through_peg_and_sentence_transformers(tiny_model_dir, tmp_pa
     from sentence_transformers import SentenceTransformer
 
     enc = PEGEncoder.from_pretrained(
-        tiny_model_dir, pooling=pooling, query_instruction="问：", passage_instruction="答：",
-        max_length=100, device="cpu",
+        tiny_model_dir,
+        pooling=pooling,
+        query_instruction="问：",
+        passage_instruction="答：",
+        max_length=100,
+        device="cpu",
     )
     enc.save_pretrained(tmp_path / "saved")
     again = PEGEncoder.from_pretrained(tmp_path / "saved", device="cpu")
@@ -190,8 +212,9 @@ def test_me5_matches_sentence_transformers(me5_dir):
     from sentence_transformers import SentenceTransformer
 
     texts = []
-    with open(me5_dir.parents[1] / "data" / "eval" / "cmrc2018-dev" / "queries.jsonl",
-              encoding="utf-8") as handle:
+    with open(
+        me5_dir.parents[1] / "data" / "eval" / "cmrc2018-dev" / "queries.jsonl", encoding="utf-8"
+    ) as handle:
         for line in handle:
             texts.append(json.loads(line)["text"])
             if len(texts) == 50:
