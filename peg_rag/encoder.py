@@ -218,7 +218,7 @@ class PEGEncoder:
             cut = self.tokenizer(
                 [prefixed[i] for i in long], truncation=True, max_length=self.max_length
             )["input_ids"]
-            for i, row in zip(long, cut):
+            for i, row in zip(long, cut, strict=True):
                 ids[i] = row
         return ids, len(long)
 

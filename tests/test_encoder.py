@@ -33,7 +33,7 @@ def test_pooling_matches_hand_computation(tiny_model_dir, mode):
     enc = PEGEncoder.from_pretrained(tiny_model_dir, pooling=mode, normalize=False, device="cpu")
     texts = ["医保报销", "高血压患者日常饮食应该注意什么"]
     got = enc.encode(texts)
-    for text, row in zip(texts, got):
+    for text, row in zip(texts, got, strict=True):
         features = enc.tokenizer(text, return_tensors="pt")
         with torch.no_grad():
             hidden = enc.model(**features).last_hidden_state[0]

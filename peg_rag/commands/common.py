@@ -11,9 +11,9 @@ def add_encoder_arguments(parser: argparse.ArgumentParser, *, required: bool = T
     """--model and the PEGEncoder options every encoding command takes."""
     group = parser.add_argument_group("encoder")
     group.add_argument("--model", required=required, help="hub id or local model directory")
-    group.add_argument("--pooling", choices=["cls", "mean"], help="default: from the model files, else cls")
-    group.add_argument("--query-instruction", help="prefix for queries (default: model's prompt)")
-    group.add_argument("--passage-instruction", help="prefix for passages (default: model's prompt)")
+    group.add_argument("--pooling", choices=["cls", "mean"], help="default: model files, else cls")
+    group.add_argument("--query-instruction", help="query prefix (default: the model's prompt)")
+    group.add_argument("--passage-instruction", help="passage prefix (default: model's prompt)")
     group.add_argument("--max-length", type=int, help="max tokens per text (default: model's)")
     group.add_argument("--batch-size", type=int, default=32, help="texts per forward pass")
     group.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best available)")

@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
 
     from peg_rag.jsonl import read_jsonl, text_field
 
-    texts = list(read_jsonl(args.input, lambda record, where: text_field(record, args.field, where)))
+    texts = list(read_jsonl(args.input, lambda record, at: text_field(record, args.field, at)))
     vectors = load_encoder(args).encode(texts, args.kind)
     tmp = atomic_path(args.output)
     with tmp.open("wb") as handle:  # a handle keeps np.save from appending ".npy"
