@@ -14,7 +14,7 @@ from peg_rag.trainer import grad_cache
 from peg_rag.trainer.collate import build_inputs
 from peg_rag.trainer.data import Batch
 from peg_rag.trainer.progressive import focal
-from peg_rag.trainer.step import ContrastiveStep
+from peg_rag.trainer.step import ContrastiveStep, mini_batches
 
 TAU = 0.05
 
@@ -37,10 +37,9 @@ def reference_gradients(encoder, inputs, gamma, mini_batch_size=None):
     the cache's first pass) and back-propagate the unchunked loss by autograd."""
     encoder.model.zero_grad(set_to_none=True)
     own = inputs.owned(0, 1)
-    size = mini_batch_size or len(own)
     parts = [
-        encoder.embed(encoder.collate([inputs.ids[i] for i in own[s : s + size]]))
-        for s in range(0, len(own), size)
+        encoder.embed(encoder.collate([inputs.ids[i] for i in rows]))
+        for rows in mini_batches(own, mini_batch_size or len(own))
     ]
     embeddings = torch.zeros(len(inputs.ids), encoder.dim).index_put(
         (torch.as_tensor(own),), torch.cat(parts)
@@ -125,9 +124,8 @@ def test_second_pass_keeps_the_global_rng_stream(dropout_model_dir):
     after_step = torch.rand(3)
     torch.manual_seed(3)
     with torch.no_grad():  # pass 1 alone: the same forwards in the same order
-        own = inputs.owned(0, 1)
-        for s in range(0, len(own), 4):
-            encoder.embed(encoder.collate([inputs.ids[i] for i in own[s : s + 4]]))
+        for rows in mini_batches(inputs.owned(0, 1), 4):
+            encoder.embed(encoder.collate([inputs.ids[i] for i in rows]))
     assert torch.equal(torch.rand(3), after_step)
 
 

@@ -38,10 +38,14 @@ class StepInputs:
     guide_ids: list[list[int]] | None = None  # the texts tokenized for a guide encoder
 
     def owned(self, rank: int, world: int) -> np.ndarray:
-        """Rows embedded by process ``rank``: every ``world``-th text, longest first, so that
-        mini-batches hold texts of similar length (little padding) and processes share work."""
+        """Rows embedded by process ``rank``: every ``world``-th text by length, shortest first.
+
+        Sorted, consecutive texts make mini-batches of similar lengths (little padding) and
+        the processes an even share. Longest last: the gradient cache keeps the graph of the
+        last mini-batch instead of embedding it twice, so that saves the most expensive one.
+        """
         lengths = np.fromiter((len(row) for row in self.ids), dtype=np.int64, count=len(self.ids))
-        return np.argsort(-lengths, kind="stable")[rank::world]
+        return np.argsort(lengths, kind="stable")[rank::world]
 
 
 def build_inputs(

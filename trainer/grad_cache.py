@@ -5,9 +5,11 @@ dropout can be replayed. The loss then gives the gradient of every embedding. Pa
 re-embeds each mini-batch with a graph under its recorded RNG state and back-propagates the
 cached gradient through it, accumulating parameter gradients.
 
-Two savings over the textbook version: the last mini-batch of pass 1 keeps its graph, so it
-is never embedded twice (with k mini-batches a step runs 2k - 1 forwards, not 2k); and the
-caller sorts texts by length before cutting mini-batches, so little padding is computed.
+Two savings over the textbook version: the caller sorts texts by length before cutting
+mini-batches, so little padding is computed; and the last mini-batch of pass 1 (the longest,
+as the caller orders them) keeps its graph, so it is never embedded twice: with k
+mini-batches a step runs 2k - 1 forwards, not 2k. Its activations are alive during the loss,
+no more than pass 2 holds anyway.
 Under DDP every forward whose backward is not the step's last runs inside ``no_sync``: the
 gradient all-reduce happens once, in the last mini-batch's backward.
 """

@@ -39,6 +39,12 @@ class StepStats:
     distinct: int  # texts actually embedded
 
 
+def mini_batches(rows: np.ndarray, size: int) -> list[np.ndarray]:
+    """Consecutive groups of ``size`` rows, cut from the end so that the last one, which the
+    gradient cache embeds only once, is full (any short group comes first)."""
+    return [rows[max(end - size, 0) : end] for end in range(len(rows), 0, -size)][::-1]
+
+
 class ContrastiveStep:
     """Computes the gradients of one global batch into ``encoder.model``."""
 
@@ -72,9 +78,7 @@ class ContrastiveStep:
             raise ValueError(f"batch_size={total} must be divisible by the {world} processes")
         owners = [inputs.owned(r, world) for r in range(world)]
         own = owners[rank]
-        batches = [
-            own[i : i + self.mini_batch_size] for i in range(0, len(own), self.mini_batch_size)
-        ]
+        batches = mini_batches(own, self.mini_batch_size)
         encoder = self.encoder
         device = encoder.device
 
