@@ -13,8 +13,14 @@ ME5 = SHARED / "models" / "me5-small-zh"
 TRAIN = SHARED / "data" / "train"
 
 
-def small_bert(directory: Path, *, layers: int = 4, hidden: int = 256, dropout: float = 0.1,
-               max_length: int = 128) -> Path:
+def small_bert(
+    directory: Path,
+    *,
+    layers: int = 4,
+    hidden: int = 256,
+    dropout: float = 0.1,
+    max_length: int = 128,
+) -> Path:
     """A randomly initialized BERT (``layers`` x ``hidden``) with me5-small-zh's tokenizer,
     saved with sentence-transformers files (mean pooling, normalized), so that PEGEncoder and
     SentenceTransformer load exactly the same model."""

@@ -27,15 +27,15 @@ from results_file import header, update_section
 from train_common import autocast_forward, peak_rss_gib, real_batches, rss_gib, small_bert
 
 
-def child(args) -> dict:
-    """Run one step at ``args.negatives`` in-batch negatives; report memory and time."""
+def child(args, negatives: int) -> dict:
+    """Run one step at ``negatives`` in-batch negatives; report memory and time."""
     from peg_rag.encoder import PEGEncoder
     from peg_rag.trainer.collate import build_inputs
     from peg_rag.trainer.progressive import focal
     from peg_rag.trainer.step import ContrastiveStep
 
     device = torch.device(args.device)
-    queries = math.ceil(args.negatives / (1 + args.hard_negatives))
+    queries = math.ceil(negatives / (1 + args.hard_negatives))
     encoder = PEGEncoder.from_pretrained(
         args.model_dir, dtype="float32", device=device, max_length=args.max_length
     )
@@ -46,8 +46,11 @@ def child(args) -> dict:
     batch = real_batches(args.source, 1, queries, args.hard_negatives)[0]
     inputs = build_inputs(batch, encoder.tokenize)
     step = ContrastiveStep(
-        encoder, mini_batch_size=args.mini_batch_size, temperature=0.02,
-        chunk_size=args.chunk_size, weighting=focal,
+        encoder,
+        mini_batch_size=args.mini_batch_size,
+        temperature=0.02,
+        chunk_size=args.chunk_size,
+        weighting=focal,
     )
     before = rss_gib()
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
@@ -61,7 +64,7 @@ def child(args) -> dict:
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     return {
-        "negatives": args.negatives,
+        "negatives": negatives,
         "queries": queries,
         "candidates": int(len(inputs.column_rows)),
         "texts": inputs.n_texts,
@@ -70,7 +73,8 @@ def child(args) -> dict:
         "rss_before_gib": before,
         "peak_rss_gib": peak_rss_gib(),
         "cuda_peak_gib": torch.cuda.max_memory_allocated(device) / 2**30
-        if device.type == "cuda" else None,
+        if device.type == "cuda"
+        else None,
         "embedding_cache_mib": len(inputs.ids) * encoder.dim * 4 / 2**20,
         "logits_chunk_mib": min(args.chunk_size, queries) * len(inputs.column_rows) * 4 / 2**20,
         "seconds": seconds,
@@ -86,25 +90,34 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=1024)
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--source", default="paraphrase-finance")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model-dir", type=Path)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
     args.model_dir = small_bert(
         args.model_dir or Path(tempfile.gettempdir()) / "peg-rag-bench-bert-4x256",
         max_length=args.max_length,
     )
     if args.child:
-        print(json.dumps(child(args)))
+        print(json.dumps(child(args, args.negatives[0])))
         return
 
     rows = []
     for negatives in args.negatives:
         command = [sys.executable, __file__, "--child", "--negatives", str(negatives)] + [
-            f"--{k}={v}" for k, v in (
-                ("hard-negatives", args.hard_negatives), ("mini-batch-size", args.mini_batch_size),
-                ("chunk-size", args.chunk_size), ("max-length", args.max_length),
-                ("source", args.source), ("device", args.device), ("model-dir", args.model_dir),
+            f"--{k}={v}"
+            for k, v in (
+                ("hard-negatives", args.hard_negatives),
+                ("mini-batch-size", args.mini_batch_size),
+                ("chunk-size", args.chunk_size),
+                ("max-length", args.max_length),
+                ("source", args.source),
+                ("device", args.device),
+                ("model-dir", args.model_dir),
+                ("threads", args.threads),
             )
         ]
         out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
@@ -123,19 +136,24 @@ def main() -> None:
         "- RSS before: process memory with model, optimizer and the tokenized batch; peak: "
         "maximum RSS during the step (VmHWM reset before it)",
         "",
-        "| in-batch negatives | queries | texts (distinct) | RSS before GiB | peak RSS GiB | "
+        "| in-batch negatives (distinct) | queries | texts (distinct) | RSS before GiB | "
+        "peak RSS GiB | "
         "step growth GiB | embedding cache MiB | logits chunk MiB |"
-        + (" CUDA peak GiB |" if gpu else "") + " step s |",
+        + (" CUDA peak GiB |" if gpu else "")
+        + " step s |",
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
-        + (" ---: |" if gpu else "") + " ---: |",
+        + (" ---: |" if gpu else "")
+        + " ---: |",
     ]
     for r in rows:
         lines.append(
-            f"| {r['candidates']:,} | {r['queries']:,} | {r['texts']:,} ({r['distinct']:,}) | "
+            f"| {r['queries'] * (1 + args.hard_negatives):,} ({r['candidates']:,}) | "
+            f"{r['queries']:,} | {r['texts']:,} ({r['distinct']:,}) | "
             f"{r['rss_before_gib']:.2f} | {r['peak_rss_gib']:.2f} | "
             f"{r['peak_rss_gib'] - r['rss_before_gib']:.2f} | {r['embedding_cache_mib']:.0f} | "
             f"{r['logits_chunk_mib']:.0f} |"
-            + (f" {r['cuda_peak_gib']:.2f} |" if gpu else "") + f" {r['seconds']:.0f} |"
+            + (f" {r['cuda_peak_gib']:.2f} |" if gpu else "")
+            + f" {r['seconds']:.0f} |"
         )
     update_section("train_memory" + ("_gpu" if gpu else ""), "\n".join(lines))
     print("\n".join(lines))
