@@ -162,45 +162,26 @@ def main() -> None:
     )
     texts = 2 + args.hard_negatives
     rows = []
+    comparisons = [  # (peer, cached peer?, queries, mini-batch label, seed of the batches)
+        ("ST CachedMultipleNegativesRankingLoss", True, args.batch_size, args.mini_batch_size, 0),
+        (
+            "ST MultipleNegativesRankingLoss (plain, uncached)",
+            False,
+            args.plain_batch_size,
+            f"{args.mini_batch_size} / none",
+            1,
+        ),
+    ]
     for source in args.sources:
-        big = real_batches(source, 3, args.batch_size, args.hard_negatives)
-        cached = compare(
-            {
+        for peer, cached, queries, mini, seed in comparisons:
+            batches = real_batches(source, 3, queries, args.hard_negatives, seed=seed)
+            runners = {
                 "ours": make_ours(model_dir, args, device),
-                "peer": make_peer(model_dir, args, device, cached=True),
-            },
-            big,
-            device,
-            args.repeats,
-        )
-        rows.append(
-            (
-                source,
-                "ST CachedMultipleNegativesRankingLoss",
-                args.batch_size,
-                args.mini_batch_size,
-                cached,
+                "peer": make_peer(model_dir, args, device, cached=cached),
+            }
+            rows.append(
+                (source, peer, queries, mini, compare(runners, batches, device, args.repeats))
             )
-        )
-        small = real_batches(source, 3, args.plain_batch_size, args.hard_negatives, seed=1)
-        plain = compare(
-            {
-                "ours": make_ours(model_dir, args, device),
-                "peer": make_peer(model_dir, args, device, cached=False),
-            },
-            small,
-            device,
-            args.repeats,
-        )
-        rows.append(
-            (
-                source,
-                "ST MultipleNegativesRankingLoss (plain, uncached)",
-                args.plain_batch_size,
-                f"{args.mini_batch_size} / none",
-                plain,
-            )
-        )
 
     clock = "wall seconds" if device.type == "cuda" else "CPU seconds"
     lines = [

@@ -251,6 +251,39 @@ def _build(
     return config
 
 
+# (settings, rule, test) for numbers; None passes (unset optional settings).
+_RANGES: list[tuple[tuple[str, ...], str, typing.Callable[[Any], bool]]] = [
+    (
+        (
+            "batch_size",
+            "mini_batch_size",
+            "loss_chunk_size",
+            "save_total_limit",
+            "logging_steps",
+            "max_steps",
+            "max_length",
+        ),
+        ">= 1",
+        lambda v: v >= 1,
+    ),
+    (
+        (
+            "hard_negatives",
+            "save_steps",
+            "eval_steps",
+            "weight_decay",
+            "gamma_start",
+            "gamma_end",
+            "max_grad_norm",
+            "false_negative_margin",
+        ),
+        ">= 0",
+        lambda v: v >= 0,
+    ),
+    (("temperature", "learning_rate", "adam_epsilon", "epochs"), "> 0", lambda v: v > 0),
+]
+
+
 def validate(config: TrainConfig, origins: dict[str, str] | None = None) -> None:
     """Raise ConfigError for the first setting that is missing, out of range or inconsistent."""
     origins = origins or {}
@@ -262,35 +295,11 @@ def validate(config: TrainConfig, origins: dict[str, str] | None = None) -> None
     for name in REQUIRED:
         if not getattr(config, name):
             raise ConfigError(f"missing required setting {name!r} (--{name.replace('_', '-')})")
-    for name in (
-        "batch_size",
-        "mini_batch_size",
-        "loss_chunk_size",
-        "save_total_limit",
-        "logging_steps",
-    ):
-        if getattr(config, name) < 1:
-            raise bad(name, f"must be >= 1, got {getattr(config, name)}")
-    for name in (
-        "hard_negatives",
-        "save_steps",
-        "eval_steps",
-        "weight_decay",
-        "gamma_start",
-        "gamma_end",
-        "max_grad_norm",
-    ):
-        if getattr(config, name) < 0:
-            raise bad(name, f"must be >= 0, got {getattr(config, name)}")
-    for name in ("temperature", "learning_rate", "adam_epsilon"):
-        if getattr(config, name) <= 0:
-            raise bad(name, f"must be > 0, got {getattr(config, name)}")
-    for name in ("max_steps", "max_length"):
-        value = getattr(config, name)
-        if value is not None and value < 1:
-            raise bad(name, f"must be >= 1, got {value}")
-    if config.epochs is not None and config.epochs <= 0:
-        raise bad("epochs", f"must be > 0, got {config.epochs}")
+    for names, rule, holds in _RANGES:
+        for name in names:
+            value = getattr(config, name)
+            if value is not None and not holds(value):
+                raise bad(name, f"must be {rule}, got {value}")
     if config.max_steps is not None and config.epochs is not None:
         raise bad("epochs", "set max_steps or epochs, not both")
     if not 0 <= config.warmup_ratio < 1:
@@ -299,8 +308,6 @@ def validate(config: TrainConfig, origins: dict[str, str] | None = None) -> None
         raise bad("batch_size", "a single query without hard negatives has no negatives")
     if config.gamma_stairs < 2:
         raise bad("gamma_stairs", f"must be >= 2, got {config.gamma_stairs}")
-    if config.false_negative_margin is not None and config.false_negative_margin < 0:
-        raise bad("false_negative_margin", f"must be >= 0, got {config.false_negative_margin}")
     if config.guide_model and config.false_negative_margin is None:
         raise bad("guide_model", "only used for false-negative masking; set false_negative_margin")
     for name in ("progressive", "lr_schedule", "mixed_precision", "pooling"):
