@@ -196,6 +196,17 @@ def train(config: TrainConfig, *, evaluate: Evaluate | None = None) -> TrainResu
             data.total_lines,
             len(data.index.sources),
         )
+
+    def save_checkpoint() -> None:
+        state = {
+            "step": step,
+            "data": data_state,
+            "best": evaluator.best if evaluator else None,
+            "config": config.to_dict(),
+            "skipped_lines": data.index.skipped.count,
+        }
+        ckpt.save_checkpoint(accelerator, encoder, output_dir, step, state, config.save_total_limit)
+
     progress = tqdm(total=total_steps, initial=step, desc="Training", unit="step", disable=not main)
     last: dict[str, float] = {}
     metrics: dict[str, float] = {}
@@ -253,10 +264,7 @@ def train(config: TrainConfig, *, evaluate: Evaluate | None = None) -> TrainResu
             ):
                 metrics = evaluator.run(step, accelerator, log)
             if config.save_steps and step % config.save_steps == 0 and step < total_steps:
-                state = _trainer_state(step, data_state, evaluator, config, data)
-                ckpt.save_checkpoint(
-                    accelerator, encoder, output_dir, step, state, config.save_total_limit
-                )
+                save_checkpoint()
     finally:
         batches.close()
         data.close()
@@ -264,6 +272,8 @@ def train(config: TrainConfig, *, evaluate: Evaluate | None = None) -> TrainResu
 
     if evaluator:
         metrics = evaluator.run(step, accelerator, log)
+    if config.save_steps:  # a last checkpoint, so that a finished run can be extended
+        save_checkpoint()
     model_dir = output_dir / "model"
     if main:
         ckpt.save_model_atomically(encoder, model_dir)
@@ -358,16 +368,6 @@ def _tracker_config(config: TrainConfig) -> dict[str, Any]:
     }
 
 
-def _trainer_state(step, data_state, evaluator, config: TrainConfig, data: TrainData) -> dict:
-    return {
-        "step": step,
-        "data": data_state,
-        "best": evaluator.best if evaluator else None,
-        "config": config.to_dict(),
-        "skipped_lines": data.index.skipped.count,
-    }
-
-
 def _resume(accelerator, config: TrainConfig, output_dir: Path, data: TrainData):
     """Load a checkpoint; returns (step, data state, best) or None to start afresh."""
     if config.resume == "latest":
@@ -433,7 +433,7 @@ class _Evaluator:
                 name = Path(folder).name if Path(folder).is_dir() else Path(folder).parent.name
                 for key, value in self.evaluate(self.encoder, folder).items():
                     metrics[f"{name}/{key}"] = float(value)
-            self.encoder.model.train()
+            self.encoder.model.train()  # in case an evaluate function switched it to eval
             values = {f"eval/{k}": v for k, v in metrics.items()}
             accelerator.log(values, step=step)
             log.write(step, values)
