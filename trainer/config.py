@@ -333,13 +333,16 @@ def validate(config: TrainConfig, origins: dict[str, str] | None = None) -> None
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add --config and one flag per TrainConfig key; unset flags stay out of the namespace."""
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of settings (flags win)")
+    defaults = TrainConfig()
     for name, spec in FIELDS.items():
         kind, _ = _base(_TYPES[name])
         flag = "--" + name.replace("_", "-")
+        default = getattr(defaults, name)
+        shown = f" (default: {default})" if default not in (None, [], {}) else ""
         kwargs: dict[str, Any] = {
             "dest": name,
             "default": argparse.SUPPRESS,
-            "help": spec.metadata["help"],
+            "help": spec.metadata["help"] + shown,
         }
         if "metavar" in spec.metadata:
             kwargs["metavar"] = spec.metadata["metavar"]
