@@ -311,3 +311,27 @@ def test_real_evaluation_on_beir_and_pairs_folders(workspace, tmp_path):
             )
         )
     shutil.rmtree(root / "bad-metric", ignore_errors=True)
+
+
+def test_bad_training_line_stops_the_command_with_file_line_and_field(workspace, capsys):
+    root, model = workspace
+    bad = root / "bad" / "train.jsonl"
+    bad.parent.mkdir(exist_ok=True)
+    bad.write_text(
+        json.dumps(make_records(1)[0], ensure_ascii=False) + '\n{"query": "问", "pos": "答"}\n'
+    )
+    from peg_rag.commands.train import main
+
+    argv = [
+        "--model",
+        str(model),
+        "--train",
+        str(bad),
+        "--output-dir",
+        str(root / "bad-out"),
+        "--report-to",
+        "none",
+    ]
+    assert main(argv) == 2
+    assert f"{bad}:2: field 'pos': expected a list" in capsys.readouterr().err
+    assert not (root / "bad-out" / "model").exists()

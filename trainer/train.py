@@ -96,6 +96,15 @@ def train(config: TrainConfig, *, evaluate: Evaluate | None = None) -> TrainResu
             yaml.safe_dump(config.to_dict(), allow_unicode=True, sort_keys=False), encoding="utf-8"
         )
     set_seed(config.seed)
+    # The data first: a bad line should fail before minutes of model loading.
+    data = TrainData(
+        config.train,
+        batch_size=config.batch_size,
+        hard_negatives=config.hard_negatives,
+        seed=config.seed,
+        source_weights=config.source_weights,
+        skip_bad_lines=config.skip_bad_lines,
+    )
 
     encoder = PEGEncoder.from_pretrained(
         config.model,
@@ -120,14 +129,6 @@ def train(config: TrainConfig, *, evaluate: Evaluate | None = None) -> TrainResu
             trust_remote_code=config.trust_remote_code,
         )
 
-    data = TrainData(
-        config.train,
-        batch_size=config.batch_size,
-        hard_negatives=config.hard_negatives,
-        seed=config.seed,
-        source_weights=config.source_weights,
-        skip_bad_lines=config.skip_bad_lines,
-    )
     total_steps = config.max_steps or math.ceil(
         (config.epochs or 1.0) * data.total_lines / config.batch_size
     )
