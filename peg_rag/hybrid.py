@@ -349,7 +349,6 @@ class HybridRetriever:
             .round(6)
             .tolist(),
             "settings": asdict(options),
-            "bm25": {"k1": k1, "b": b},
             "store": description,
         }
         bm25 = BM25Index(tokenizer or ChineseTokenizer(), k1=k1, b=b)
