@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -168,6 +169,39 @@ def test_sigkill_during_checkpoint_write_resumes_from_the_previous_one(workspace
     assert_same_weights(resumed.model_dir, result.model_dir)
 
 
+# A child process of the 2-process test: trains from a config file, counting backward passes
+# and recording in which of them DDP's gradient all-reduce (its communication hook) ran.
+COUNTING_SYNCS = textwrap.dedent("""
+    import logging
+    import sys
+    import torch.distributed as dist
+    from accelerate import Accelerator
+    from peg_rag.trainer import make_config, train
+
+    backwards, synced = [0], []
+    prepare, backward = Accelerator.prepare, Accelerator.backward
+
+    def counting_backward(self, loss, **kwargs):
+        backwards[0] += 1
+        return backward(self, loss, **kwargs)
+
+    def hook(state, bucket):
+        synced.append(backwards[0])
+        future = dist.all_reduce(bucket.buffer(), async_op=True).get_future()
+        return future.then(lambda f: f.value()[0].div_(dist.get_world_size()))
+
+    def hooked_prepare(self, *objects):
+        prepared = prepare(self, *objects)
+        prepared[0].register_comm_hook(None, hook)
+        return prepared
+
+    Accelerator.prepare, Accelerator.backward = hooked_prepare, counting_backward
+    logging.basicConfig(level=logging.INFO)
+    train(make_config(config_file=sys.argv[1]))
+    print(f"BACKWARDS {backwards[0]} SYNCED {sorted(set(synced))}")
+""")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -207,7 +241,7 @@ def test_two_gloo_processes_equal_one_process_with_the_combined_batch(workspace,
         }
         children.append(
             subprocess.Popen(
-                [sys.executable, "-m", "peg_rag.trainer", "--config", str(config_file)],
+                [sys.executable, "-c", COUNTING_SYNCS, str(config_file)],
                 env=env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
@@ -216,6 +250,12 @@ def test_two_gloo_processes_equal_one_process_with_the_combined_batch(workspace,
     outputs = [child.communicate(timeout=300)[0].decode() for child in children]
     assert [c.returncode for c in children] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     assert "on 2 processes" in outputs[0]
+    # DDP all-reduced gradients only in the step's last backward (the other mini-batches
+    # accumulated locally under no_sync).
+    for output in outputs:
+        backwards, synced = re.search(r"BACKWARDS (\d+) SYNCED \[([\d, ]*)\]", output).groups()
+        assert int(backwards) >= 3
+        assert [int(i) for i in synced.split(",")] == [int(backwards)]
     two = root / "two" / "model"
     assert_same_weights(two, single.model_dir)
     # The control: a step on half the batch gives different weights, so the test can fail.
