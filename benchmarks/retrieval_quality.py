@@ -3,9 +3,9 @@
 For each set the corpus goes into an in-memory HybridRetriever (documents whole, as BEIR
 scores them), and every query is answered by BM25 alone, dense alone, and the hybrid with
 its defaults (relative-score fusion) and with RRF (k=60), equal and default weights.
-nDCG@10 and Recall@100 come from peg_rag.trainer.metrics. A fusion-weight sweep, run on
-the same per-retriever lists, and a BM25 tokenization ablation show how the one set of
-defaults was chosen (the same defaults for every set).
+nDCG@10 and Recall@100 come from peg_rag.trainer.metrics. Sweeps of fusion weights and
+candidate depth, run on the same per-retriever lists, and BM25 variants (tokenization,
+k1/b; alone and fused) show how the one set of defaults, the same for every set, was chosen.
 
     flock /tmp/peg-cpu.lock python benchmarks/retrieval_quality.py [--write]
 """
@@ -27,6 +27,7 @@ from peg_rag.trainer.beir import load_beir
 from peg_rag.trainer.metrics import retrieval_scores
 
 SWEEP = (0.5, 0.6, 0.7, 0.8)
+DEPTHS = (20, 50, 100, 200)
 
 
 def _sweep_run(dense: dict, bm25: dict, fusion: str, weight: float) -> dict[str, list[str]]:
@@ -62,51 +63,65 @@ def evaluate(name: str, encoder) -> dict:
         )["hybrid"]
     scores = {m: retrieval_scores(run, qrels) for m, run in runs.items()}
 
-    # The sweep fuses the same per-retriever top-100 lists the retriever fuses.
+    # Sweeps fuse the same per-retriever lists the retriever fuses, cut to each depth.
     lists = {}
     for method in ("dense", "bm25"):
-        found = retriever.retrieve_many(list(queries.values()), 100, method=method)
+        found = retriever.retrieve_many(list(queries.values()), max(DEPTHS), method=method)
         lists[method] = {
             q: [(r.doc_id, r.score) for r in res] for q, res in zip(queries, found, strict=True)
         }
+
+    def fused(dense: dict, bm25: dict, fusion: str = "relative", w: float = 0.7, depth: int = 100):
+        cut = lambda run: {q: v[:depth] for q, v in run.items()}  # noqa: E731
+        return retrieval_scores(_sweep_run(cut(dense), cut(bm25), fusion, w), qrels)["ndcg@10"]
+
     sweep = {
-        f"{fusion} w_dense={w}": retrieval_scores(
-            _sweep_run(lists["dense"], lists["bm25"], fusion, w), qrels
-        )["ndcg@10"]
+        f"{fusion} w_dense={w}": fused(lists["dense"], lists["bm25"], fusion, w)
         for fusion in ("relative", "rrf")
         for w in SWEEP
     }
+    sweep.update(
+        {
+            f"relative w_dense=0.7, top {n} each": fused(lists["dense"], lists["bm25"], depth=n)
+            for n in DEPTHS
+        }
+    )
 
-    # BM25 tokenization ablation: jieba words only vs words + characters (the default).
-    ablation = {}
+    # BM25 variants, alone and fused (defaults) with the same dense lists.
     import bm25s  # the peer: bm25s's default regex tokenizer, on the same BM25 engine
 
-    regex = BM25Index()
-    regex.add_tokens(
-        list(data.corpus),
-        bm25s.tokenize(
-            list(data.corpus.values()), stopwords=None, return_ids=False, show_progress=False
-        ),
-    )
-    query_tokens = bm25s.tokenize(
+    texts = list(data.corpus.values())
+    regex_tokens = bm25s.tokenize(texts, stopwords=None, return_ids=False, show_progress=False)
+    query_regex = bm25s.tokenize(
         list(queries.values()), stopwords=None, return_ids=False, show_progress=False
     )
-    regex_run = {}
-    for q, tokens in zip(queries, query_tokens, strict=True):
-        regex.tokenizer = lambda _text, tokens=tokens: tokens
-        regex_run[q] = [d for d, _ in regex.search("-", 100)]
-    ablation["bm25s default (regex \\w\\w+, lowercase)"] = retrieval_scores(regex_run, qrels)[
-        "ndcg@10"
+    variants = [
+        ("bm25s default tokenizer (regex \\w\\w+)", None, 1.2, 0.75),
+        ("jieba search", ChineseTokenizer(stopwords=[], char_unigrams=False), 1.2, 0.75),
+        ("jieba search + stopwords", ChineseTokenizer(char_unigrams=False), 1.2, 0.75),
+        ("jieba search + characters", ChineseTokenizer(stopwords=[]), 1.2, 0.75),
+        ("jieba search + stopwords + characters (default)", ChineseTokenizer(), 1.2, 0.75),
+        ("jieba precise + stopwords + characters", ChineseTokenizer(mode="precise"), 1.2, 0.75),
+        ("default tokens, k1=0.9 b=0.4", ChineseTokenizer(), 0.9, 0.4),
+        ("default tokens, k1=1.5 b=0.75", ChineseTokenizer(), 1.5, 0.75),
+        ("default tokens, k1=1.2 b=0.5", ChineseTokenizer(), 1.2, 0.5),
     ]
-    for label, tokenizer in (
-        ("jieba search, no stopwords", ChineseTokenizer(stopwords=[], char_unigrams=False)),
-        ("jieba search + stopwords", ChineseTokenizer(char_unigrams=False)),
-        ("jieba search + stopwords + characters (default)", ChineseTokenizer()),
-    ):
-        index = BM25Index(tokenizer)
-        index.add(list(data.corpus), list(data.corpus.values()))
-        run = {q: [d for d, _ in index.search(t, 100)] for q, t in queries.items()}
-        ablation[label] = retrieval_scores(run, qrels)["ndcg@10"]
+    tokens_of: dict[str, list] = {}
+    ablation = {}
+    for label, tokenizer, k1, b in variants:
+        key = json.dumps(tokenizer.to_json()) if tokenizer else "regex"
+        if key not in tokens_of:
+            tokenized = BM25Index(tokenizer).tokenize_many(texts) if tokenizer else None
+            tokens_of[key] = tokenized or regex_tokens
+        index = BM25Index(tokenizer, k1=k1, b=b)
+        index.add_tokens(list(data.corpus), tokens_of[key])
+        run = {}
+        for (q, text), regex_query in zip(queries.items(), query_regex, strict=True):
+            if tokenizer is None:
+                index.tokenizer = lambda _text, tokens=regex_query: tokens
+            run[q] = index.search(text, max(DEPTHS))
+        alone = retrieval_scores({q: [d for d, _ in v] for q, v in run.items()}, qrels)["ndcg@10"]
+        ablation[label] = (alone, fused(lists["dense"], run))
     return {
         "queries": len(queries),
         "docs": len(data.corpus),
@@ -140,7 +155,7 @@ def render(results: dict) -> str:
         s = r["scores"]
         best = max(s["bm25"]["ndcg@10"], s["dense"]["ndcg@10"])
         lines.append(f"- {name}: {100 * (s['hybrid-relative (default)']['ndcg@10'] - best):+.2f}")
-    lines += ["", "Fusion sweep (nDCG@10; same per-retriever top-100 lists):", ""]
+    lines += ["", "Fusion sweep (nDCG@10; the same per-retriever lists, top 100 unless noted):", ""]
     labels = list(next(iter(results.values()))["sweep"])
     lines.append("| fusion | " + " | ".join(results) + " |")
     lines.append("| --- |" + " ---: |" * len(results))
@@ -148,16 +163,13 @@ def render(results: dict) -> str:
         lines.append(
             f"| {label} | " + " | ".join(pct(r["sweep"][label]) for r in results.values()) + " |"
         )
-    lines += ["", "BM25 tokenization ablation (nDCG@10):", ""]
+    lines += ["", "BM25 variants: nDCG@10 alone / hybrid (default fusion, same dense lists):", ""]
     labels = list(next(iter(results.values()))["bm25_ablation"])
-    lines.append("| BM25 tokens | " + " | ".join(results) + " |")
+    lines.append("| BM25 | " + " | ".join(results) + " |")
     lines.append("| --- |" + " ---: |" * len(results))
     for label in labels:
-        lines.append(
-            f"| {label} | "
-            + " | ".join(pct(r["bm25_ablation"][label]) for r in results.values())
-            + " |"
-        )
+        cells = [r["bm25_ablation"][label] for r in results.values()]
+        lines.append(f"| {label} | " + " | ".join(f"{pct(a)} / {pct(h)}" for a, h in cells) + " |")
     return "\n".join(lines)
 
 
