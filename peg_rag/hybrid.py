@@ -79,7 +79,8 @@ class RetrievalResult:
 
     ``id`` is the chunk id (``"<doc_id>#<n>"``), ``doc_id`` the source document's id,
     ``start``/``end`` the chunk's character offsets in the document text, ``score`` the
-    fused score, and ``ranks``/``scores`` the 1-based rank and raw score each retriever gave
+    fused score (the retriever's own score with ``method="dense"`` or ``"bm25"``), and
+    ``ranks``/``scores`` the 1-based rank and raw score each retriever gave
     (None where the chunk was not among its candidates). Dense scores are cosine
     similarities, BM25 scores are BM25 scores.
     """
