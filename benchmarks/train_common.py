@@ -68,6 +68,47 @@ def real_batches(source: str, count: int, batch_size: int, hard_negatives: int, 
     return batches
 
 
+def distinct_batch(queries: int, hard_negatives: int, seed: int = 0):
+    """A batch of ``queries`` x (2 + hard_negatives) pairwise-distinct real Chinese texts.
+
+    The texts are every distinct query and positive of the shared training data plus the
+    documents of the shared evaluation corpora, shuffled and dealt out; which text pairs with
+    which is arbitrary. That is enough for measuring memory and time, which depend on how many
+    texts there are and how long, and it makes N queries really give N x (1 + negatives)
+    distinct candidates (real sources repeat texts, which the trainer embeds once).
+    """
+    import json
+
+    import numpy as np
+
+    from peg_rag.trainer.data import Batch
+
+    pool: dict[str, None] = {}
+    for path in sorted(TRAIN.glob("*/train.jsonl")):
+        for line in path.open(encoding="utf-8"):
+            record = json.loads(line)
+            pool.update(dict.fromkeys([record["query"], *record["pos"]]))
+    for path in sorted((SHARED / "data" / "eval").glob("*/corpus.jsonl")):
+        for line in path.open(encoding="utf-8"):
+            record = json.loads(line)
+            pool[f"{record.get('title') or ''} {record['text']}".strip()] = None
+    texts = list(pool)
+    needed = queries * (2 + hard_negatives)
+    if needed > len(texts):
+        raise ValueError(f"{needed} distinct texts wanted, the shared data has {len(texts)}")
+    order = np.random.default_rng(seed).permutation(len(texts))[:needed]
+    dealt = [texts[i] for i in order]
+    negatives = dealt[2 * queries :]
+    return Batch(
+        source="distinct",
+        queries=dealt[:queries],
+        prompts=[None] * queries,
+        positives=dealt[queries : 2 * queries],
+        negatives=[negatives[i::queries] for i in range(queries)],
+        lines=list(range(queries)),
+    )
+
+
 def peak_rss_gib() -> float:
     """This process's peak resident memory (VmHWM) so far."""
     for line in Path("/proc/self/status").read_text().splitlines():

@@ -1,11 +1,11 @@
 """Peak memory of one training step against the number of in-batch negatives.
 
 One full step (gradient-cache step + clipping + AdamW) of a small BERT (4 layers, hidden 256,
-me5-small-zh tokenizer) on a real batch of the shared `paraphrase-finance` source, with
-1 positive + 5 hard negatives per query, at a fixed mini-batch. Each size runs in its own
-process, so each peak is its own. The goal: activation memory stays flat (it depends on the
-mini-batch only) and growth comes from the O(N x d) embedding cache and the
-(chunk x candidates) logits buffer.
+me5-small-zh tokenizer) on a batch of pairwise-distinct real Chinese texts (see
+train_common.distinct_batch), 1 positive + 5 hard negatives per query, at a fixed
+mini-batch. Each size runs in its own process, so each peak is its own. The goal: activation
+memory stays flat (it depends on the mini-batch only) and growth comes from the O(N x d)
+embedding cache and the (chunk x candidates) logits buffer.
 
     flock /tmp/peg-cpu.lock python benchmarks/train_memory.py
     python benchmarks/train_memory.py --device cuda --mini-batch-size 256   # on a GPU
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 from results_file import header, update_section
-from train_common import autocast_forward, peak_rss_gib, real_batches, rss_gib, small_bert
+from train_common import autocast_forward, distinct_batch, peak_rss_gib, rss_gib, small_bert
 
 
 def child(args, negatives: int) -> dict:
@@ -43,7 +43,7 @@ def child(args, negatives: int) -> dict:
     if device.type == "cuda":
         autocast_forward(encoder.model, device)
     optimizer = torch.optim.AdamW(encoder.model.parameters(), lr=1e-5)
-    batch = real_batches(args.source, 1, queries, args.hard_negatives)[0]
+    batch = distinct_batch(queries, args.hard_negatives)
     inputs = build_inputs(batch, encoder.tokenize)
     step = ContrastiveStep(
         encoder,
@@ -89,7 +89,6 @@ def main() -> None:
     parser.add_argument("--mini-batch-size", type=int, default=64)
     parser.add_argument("--chunk-size", type=int, default=1024)
     parser.add_argument("--max-length", type=int, default=64)
-    parser.add_argument("--source", default="paraphrase-finance")
     parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model-dir", type=Path)
@@ -114,7 +113,6 @@ def main() -> None:
                 ("mini-batch-size", args.mini_batch_size),
                 ("chunk-size", args.chunk_size),
                 ("max-length", args.max_length),
-                ("source", args.source),
                 ("device", args.device),
                 ("model-dir", args.model_dir),
                 ("threads", args.threads),
@@ -130,7 +128,8 @@ def main() -> None:
         f"- Model: random BERT, 4 layers x hidden 256, me5-small-zh tokenizer, "
         f"{'bf16 autocast on ' + args.device if gpu else 'fp32 on CPU'}; "
         f"{torch.get_num_threads()} torch threads",
-        f"- One step (gradient cache + clip + AdamW) on a real `{args.source}` batch, 1 positive "
+        f"- One step (gradient cache + clip + AdamW) on pairwise-distinct real Chinese texts "
+        "(training queries/positives and eval corpora, paired arbitrarily), 1 positive "
         f"+ {args.hard_negatives} hard negatives per query, mini-batch {args.mini_batch_size} "
         f"texts, max_length {args.max_length}, loss chunk {args.chunk_size} queries",
         "- RSS before: process memory with model, optimizer and the tokenized batch; peak: "
