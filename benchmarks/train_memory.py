@@ -154,6 +154,14 @@ def main() -> None:
             + (f" {r['cuda_peak_gib']:.2f} |" if gpu else "")
             + f" {r['seconds']:.0f} |"
         )
+    growth = [r["peak_rss_gib"] - r["rss_before_gib"] for r in rows]
+    lines += [
+        "",
+        f"Peak RSS of the largest step: {rows[-1]['peak_rss_gib']:.2f} GiB (goal for 80,000 "
+        f"negatives on this machine: under 8 GiB). Step growth from the smallest to the largest "
+        f"batch: {growth[0]:.2f} -> {growth[-1]:.2f} GiB for "
+        f"{rows[-1]['distinct'] / rows[0]['distinct']:.0f}x the texts.",
+    ]
     update_section("train_memory" + ("_gpu" if gpu else ""), "\n".join(lines))
     print("\n".join(lines))
 
