@@ -32,6 +32,7 @@ from results_file import header, update_section
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 EVAL_SETS = ("kuake-qtr-dev", "cmedir-dev", "cmrc2018-dev")
+GUARD_RATIOS = (0.95, 0.98, 0.99, 1.0)
 
 
 def training_lines(train_dir: Path, count: int, seed: int) -> tuple[list, list]:
@@ -150,6 +151,12 @@ def search_once(args: argparse.Namespace) -> None:
     mine.choose_negatives(mined, rows, scores, ranked, positive, pool, options, stats)
     end = time.perf_counter()
     peak = memory_mib("VmHWM")
+    # How the guard ratio decides how many lines can get their negatives (scores of the
+    # window relative to each line's positive score).
+    ratios = scores[rows, options.range_min : options.range_max] / positive[:, None]
+    full_at = {
+        str(r): float(((ratios <= r).sum(axis=1) >= options.negatives).mean()) for r in GUARD_RATIOS
+    }
     print(
         json.dumps(
             {
@@ -161,6 +168,7 @@ def search_once(args: argparse.Namespace) -> None:
                 "short_lines": stats.short_lines,
                 "skipped_score": stats.skipped_score,
                 "skipped_equal": stats.skipped_equal,
+                "full_at": full_at,
             }
         )
     )
@@ -249,6 +257,9 @@ def main() -> None:
         f"- Mined: {first['negatives']:,} negatives; {first['short_lines']} lines short; "
         f"skipped {first['skipped_equal']:,} equal-to-positive/query and "
         f"{first['skipped_score']:,} by the score guard.",
+        "- Lines whose window holds at least 5 candidates under the guard ratio: "
+        + ", ".join(f"{r}: {100 * v:.0f}%" for r, v in first["full_at"].items())
+        + " (window scores are this close to the positive's: the guard decides most).",
         "",
         *table,
         "",
