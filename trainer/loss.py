@@ -88,9 +88,12 @@ def chunked_infonce(
             del mask
         positive_logit = logits[rows, pos]
         ranks[start:end] = (logits > positive_logit[:, None]).sum(dim=1) + 1
-        log_z = torch.logsumexp(logits, dim=1)
-        losses[start:end] = log_z - positive_logit
-        probs = logits.sub_(log_z[:, None]).exp_()
+        # Softmax in place (logsumexp would allocate more chunk x m temporaries).
+        row_max = logits.amax(dim=1, keepdim=True)
+        probs = logits.sub_(row_max).exp_()
+        total = probs.sum(dim=1, keepdim=True)
+        probs.div_(total)
+        losses[start:end] = (total.log_() + row_max).squeeze(1) - positive_logit
         w = (
             torch.ones(end - start, device=device)
             if weighting is None
