@@ -16,7 +16,8 @@ Qrels = Mapping[str, Mapping[str, int]]
 def ndcg_at_k(ranked: Sequence[str], relevance: Mapping[str, int], k: int) -> float:
     """nDCG@k with graded gains 2^rel - 1 and log2(rank + 1) discounts."""
     dcg = sum(
-        (2 ** relevance.get(doc, 0) - 1) / math.log2(rank + 2) for rank, doc in enumerate(ranked[:k])
+        (2 ** relevance.get(doc, 0) - 1) / math.log2(rank + 2)
+        for rank, doc in enumerate(ranked[:k])
     )
     ideal = sorted((r for r in relevance.values() if r > 0), reverse=True)[:k]
     idcg = sum((2**rel - 1) / math.log2(rank + 2) for rank, rel in enumerate(ideal))
