@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from .json_files import read_json, write_json
 from .text import normalize_width
 
 logger = logging.getLogger("peg_rag")
@@ -329,8 +330,8 @@ class BM25Index:
         if self.ids:
             arrays.update({name: model.scores[name] for name in ("data", "indices", "indptr")})
         np.savez(path / _ARRAYS_FILE, allow_pickle=False, **arrays)  # type: ignore[arg-type]
-        _write_json(path / _TOKENIZER_FILE, self.tokenizer.to_json())
-        _write_json(
+        write_json(path / _TOKENIZER_FILE, self.tokenizer.to_json())
+        write_json(
             path / _INDEX_FILE,
             {
                 "format_version": FORMAT_VERSION,
@@ -348,11 +349,11 @@ class BM25Index:
         import bm25s
 
         path = Path(directory)
-        config = _read_json(path / _INDEX_FILE)
+        config = read_json(path / _INDEX_FILE)
         if config.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{path / _INDEX_FILE}: unsupported format_version")
         index = cls(
-            ChineseTokenizer.from_json(_read_json(path / _TOKENIZER_FILE)),
+            ChineseTokenizer.from_json(read_json(path / _TOKENIZER_FILE)),
             k1=config["k1"],
             b=config["b"],
             method=config["method"],
@@ -384,16 +385,3 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
         positive = positive[part]
     order = np.lexsort((positive, -scores[positive]))
     return positive[order]
-
-
-def _write_json(path: Path, value: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"cannot read {path}: {exc}") from exc

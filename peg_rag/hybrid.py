@@ -41,6 +41,7 @@ import numpy as np
 from . import filters as where_filters
 from .bm25 import BM25Index, ChineseTokenizer
 from .fusion import reciprocal_rank, relative_score
+from .json_files import read_json, write_json
 from .store import ChromaStore, VectorStore, open_store
 from .text import Chunker
 
@@ -241,22 +242,6 @@ def _make_chunker(settings: HybridSettings, encoder) -> Chunker:
     )
 
 
-def _write_json(path: Path, value: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        json.dump(value, handle, ensure_ascii=False, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"cannot read {path}: {exc}") from exc
-
-
 class HybridRetriever:
     """Chunks, a jieba BM25 index and a vector store kept in step, with fused retrieval.
 
@@ -357,7 +342,7 @@ class HybridRetriever:
             encoder=encoder, store=store, bm25=bm25, settings=options, index_dir=path, config=config
         )
         if path is not None:
-            _write_json(path / CONFIG_FILE, config)
+            write_json(path / CONFIG_FILE, config)
             retriever._commit()
         return retriever
 
@@ -384,7 +369,7 @@ class HybridRetriever:
         path = Path(index_dir)
         if not (path / CONFIG_FILE).is_file():
             raise FileNotFoundError(f"{path} is not a hybrid index: {CONFIG_FILE} is missing")
-        config = _read_json(path / CONFIG_FILE)
+        config = read_json(path / CONFIG_FILE)
         if config.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{path / CONFIG_FILE}: unsupported format_version")
         saved = config["encoder"]
@@ -443,7 +428,7 @@ class HybridRetriever:
             for line in handle:
                 chunk = _Chunk(**json.loads(line))
                 self._chunks[chunk.id] = chunk
-        self._docs = _read_json(state / "docs.json")
+        self._docs = read_json(state / "docs.json")
         if set(self._chunks) != set(self.bm25.ids):
             raise InconsistentIndexError(
                 f"{state}: the chunk table and the BM25 index hold different ids; "
@@ -464,7 +449,7 @@ class HybridRetriever:
         with (tmp / "chunks.jsonl").open("w", encoding="utf-8") as handle:
             for item in self.bm25.ids:
                 handle.write(json.dumps(asdict(self._chunks[item]), ensure_ascii=False) + "\n")
-        _write_json(tmp / "docs.json", self._docs)
+        write_json(tmp / "docs.json", self._docs)
         os.replace(tmp, self.index_dir / name)
         current = self.index_dir / f".{CURRENT_FILE}.tmp"
         with current.open("w", encoding="utf-8") as handle:

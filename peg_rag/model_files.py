@@ -11,7 +11,8 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+
+from .json_files import read_json
 
 POOLING_MODES = ("cls", "mean")
 
@@ -62,19 +63,12 @@ def resolve_model_dir(name_or_path: str | os.PathLike[str]) -> Path:
     return local
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"cannot read {path}: {exc}") from exc
-
-
 def read_st_settings(model_dir: Path) -> STSettings:
     """Read pooling, normalization, prompts and max length from sentence-transformers files."""
     found = STSettings()
     modules_file = model_dir / "modules.json"
     if modules_file.is_file():
-        modules = _read_json(modules_file)
+        modules = read_json(modules_file)
         types = [m.get("type", "") for m in modules]
         found.normalize = any(t.endswith("Normalize") for t in types)
         for module in modules:
@@ -82,17 +76,17 @@ def read_st_settings(model_dir: Path) -> STSettings:
                 found.pooling = _pooling_from_config(model_dir / module["path"] / "config.json")
     st_config = model_dir / "config_sentence_transformers.json"
     if st_config.is_file():
-        prompts = _read_json(st_config).get("prompts") or {}
+        prompts = read_json(st_config).get("prompts") or {}
         found.query_prompt = prompts.get("query")
         found.passage_prompt = prompts.get("passage", prompts.get("document"))
     bert_config = model_dir / "sentence_bert_config.json"
     if bert_config.is_file():
-        found.max_length = _read_json(bert_config).get("max_seq_length")
+        found.max_length = read_json(bert_config).get("max_seq_length")
     return found
 
 
 def _pooling_from_config(path: Path) -> str:
-    config = _read_json(path)
+    config = read_json(path)
     if config.get("pooling_mode_cls_token"):
         return "cls"
     if config.get("pooling_mode_mean_tokens"):
