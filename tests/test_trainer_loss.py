@@ -42,10 +42,10 @@ def test_chunked_loss_and_gradients_equal_unchunked(chunk, gamma):
     assert torch.equal(out.positive_rank, expected)
 
 
-def test_false_negative_margin_masks_candidates_close_to_the_positive():
+@pytest.mark.parametrize("margin", [0.1, -0.05])  # negative: only clearly above the positive
+def test_false_negative_margin_masks_candidates_close_to_the_positive(margin):
     q, c = unit(5, 8, 2), unit(12, 8, 3)
     pos = torch.tensor([1, 4, 4, 7, 0])
-    margin = 0.1
     scores = q @ c.T
     expected_mask = scores > (scores[torch.arange(5), pos] - margin)[:, None]
     expected_mask[torch.arange(5), pos] = False

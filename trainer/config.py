@@ -62,7 +62,9 @@ class TrainConfig:
     )
     mask_duplicates: bool = _opt(True, "never use a text identical to a positive as its negative")
     false_negative_margin: float | None = _opt(
-        None, "mask candidates scoring above score(positive) - margin (off when unset)"
+        None,
+        "mask candidates scoring above score(positive) - margin (off when unset; a negative "
+        "margin masks only candidates scoring more than |margin| above the positive)",
     )
     guide_model: str | None = _opt(None, "score false negatives with this frozen model instead")
     # Progressive learning.
@@ -275,7 +277,6 @@ _RANGES: list[tuple[tuple[str, ...], str, typing.Callable[[Any], bool]]] = [
             "gamma_start",
             "gamma_end",
             "max_grad_norm",
-            "false_negative_margin",
         ),
         ">= 0",
         lambda v: v >= 0,
