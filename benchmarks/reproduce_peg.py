@@ -407,15 +407,15 @@ def report(work: Path) -> None:
 
     c_label, a_label = (f"{n}: {RUNS[n]}" for n in ("C", "A"))
     gain = ndcg(c_label, "kuake-qtr-dev") - ndcg(base_label, "kuake-qtr-dev")
+
+    def headline(label: str, name: str) -> float:
+        """The set's main metric x 100: Spearman for stsb-zh, nDCG@10 otherwise."""
+        if name == "stsb-zh":
+            return 100 * rows[label][name]["dense"]["spearman"]
+        return ndcg(label, name)
+
     drops = {
-        f"{label.split(':')[0]} {name}": (
-            ndcg(label, name) if name != "stsb-zh" else 100 * rows[label][name]["dense"]["spearman"]
-        )
-        - (
-            ndcg(base_label, name)
-            if name != "stsb-zh"
-            else 100 * rows[base_label][name]["dense"]["spearman"]
-        )
+        f"{label.split(':')[0]} {name}": headline(label, name) - headline(base_label, name)
         for label in (a_label, f"B: {RUNS['B']}", c_label)
         for name in EVAL_SETS
     }
