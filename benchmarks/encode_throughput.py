@@ -102,7 +102,7 @@ def main() -> None:
     ]
     lines += [f"| {name} | {s:.1f} | {s / base:.2f}x |" for name, s in speed.items()]
     if not args.skip_ndcg:
-        from peg_rag.trainer.evaluate import evaluate_folder
+        from peg_rag.retrieval.evaluate import evaluate_folder
 
         folder = args.eval_dir / "kuake-qtr-dev"
         quality = {"fp32": evaluate_folder(ours, folder), "int8": evaluate_folder(int8, folder)}

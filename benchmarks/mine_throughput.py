@@ -37,7 +37,7 @@ GUARD_RATIOS = (0.95, 0.98, 0.99, 1.0)
 
 def training_lines(train_dir: Path, count: int, seed: int) -> tuple[list, list]:
     """All training lines (parsed), and ``count`` of them drawn with ``seed`` to be mined."""
-    from peg_rag.jsonl import read_jsonl
+    from peg_rag.core.records import read_jsonl
     from peg_rag.trainer.data import parse_example
 
     lines = []
@@ -131,7 +131,7 @@ def memory_mib(field: str) -> float:
 def search_once(args: argparse.Namespace) -> None:
     """Child process: mine from cached vectors with one backend, print timing and memory."""
     import peg_rag.trainer.mine as mine
-    from peg_rag.trainer.topk import top_k
+    from peg_rag.retrieval.topk import top_k
 
     folder = Path(args.child)
     queries = np.load(folder / "queries.npy")
@@ -200,7 +200,7 @@ def main() -> None:
         search_once(args)
         return
 
-    from peg_rag.trainer.topk import faiss_available
+    from peg_rag.retrieval.topk import faiss_available
 
     lines, mined = training_lines(Path(args.train_dir), args.queries, args.seed)
     pool = build_pool(lines, mined, Path(args.eval_dir), args.pool)

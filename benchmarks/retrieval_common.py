@@ -85,7 +85,7 @@ class CachedEncoder:
 def train_texts() -> list[str]:
     """Distinct query and positive texts of the shared training files, short ones first
     (the paraphrase and query-log sets), then the reading-comprehension passages."""
-    from peg_rag.jsonl import read_jsonl
+    from peg_rag.core.records import read_jsonl
 
     texts: dict[str, None] = {}
     order = ["paraphrase-medical", "paraphrase-finance", "kuake-qtr", "cmrc2018-trial", "drcd"]

@@ -27,11 +27,11 @@ from results_file import header, update_section
 from retrieval_common import EVAL, MODEL, SETS, CachedEncoder, train_texts
 
 from peg_rag import Document, HybridRetriever, PEGEncoder
-from peg_rag.bm25 import BM25Index
-from peg_rag.hybrid import HybridSettings
-from peg_rag.store import ChromaStore
-from peg_rag.text import Chunker
-from peg_rag.trainer.beir import load_beir
+from peg_rag.retrieval.bm25 import BM25Index
+from peg_rag.retrieval.hybrid import HybridSettings
+from peg_rag.retrieval.store import ChromaStore
+from peg_rag.retrieval.chunker import Chunker
+from peg_rag.core.beir import load_beir
 
 WORK = Path("/work/cache/peg-hybrid/latency")
 DEFAULTS = HybridSettings()

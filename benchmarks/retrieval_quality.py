@@ -3,7 +3,7 @@
 For each set the corpus goes into an in-memory HybridRetriever (documents whole, as BEIR
 scores them), and every query is answered by BM25 alone, dense alone, and the hybrid with
 its defaults (relative-score fusion) and with RRF (k=60), equal and default weights.
-nDCG@10 and Recall@100 come from peg_rag.trainer.metrics. Sweeps of fusion weights and
+nDCG@10 and Recall@100 come from peg_rag.core.metrics. Sweeps of fusion weights and
 candidate depth, run on the same per-retriever lists, and BM25 variants (tokenization,
 k1/b; alone and fused) show how the one set of defaults, the same for every set, was chosen.
 
@@ -20,11 +20,11 @@ from results_file import header, update_section
 from retrieval_common import EVAL, MODEL, SETS, CachedEncoder
 
 from peg_rag import PEGEncoder
-from peg_rag.bm25 import BM25Index, ChineseTokenizer
-from peg_rag.fusion import reciprocal_rank, relative_score
-from peg_rag.hybrid_eval import index_corpus, run_queries
-from peg_rag.trainer.beir import load_beir
-from peg_rag.trainer.metrics import retrieval_scores
+from peg_rag.retrieval.bm25 import BM25Index, ChineseTokenizer
+from peg_rag.retrieval.fusion import reciprocal_rank, relative_score
+from peg_rag.retrieval.evaluate import index_corpus, run_queries
+from peg_rag.core.beir import load_beir
+from peg_rag.core.metrics import retrieval_scores
 
 SWEEP = (0.5, 0.6, 0.7, 0.8)
 DEPTHS = (20, 50, 100, 200)

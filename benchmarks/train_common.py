@@ -26,7 +26,7 @@ def small_bert(
     SentenceTransformer load exactly the same model."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from peg_rag.encoder import PEGEncoder
+    from peg_rag.core.encoder import PEGEncoder
 
     if (directory / "modules.json").is_file():
         return directory

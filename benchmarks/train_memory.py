@@ -30,7 +30,7 @@ from train_common import autocast_forward, distinct_batch, peak_rss_gib, rss_gib
 
 def child(args, negatives: int) -> dict:
     """Run one step at ``negatives`` in-batch negatives; report memory and time."""
-    from peg_rag.encoder import PEGEncoder
+    from peg_rag.core.encoder import PEGEncoder
     from peg_rag.trainer.collate import build_inputs
     from peg_rag.trainer.progressive import focal
     from peg_rag.trainer.step import ContrastiveStep

@@ -28,7 +28,7 @@ from train_common import autocast_forward, real_batches, small_bert
 
 
 def make_ours(model_dir: Path, args, device: torch.device):
-    from peg_rag.encoder import PEGEncoder
+    from peg_rag.core.encoder import PEGEncoder
     from peg_rag.trainer.collate import build_inputs
     from peg_rag.trainer.progressive import focal
     from peg_rag.trainer.step import ContrastiveStep

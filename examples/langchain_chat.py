@@ -20,7 +20,7 @@ from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate, MessagesPlaceholder
 
 from peg_rag.integrations.langchain import PEGHybridRetriever
-from peg_rag.rag_chat import (
+from peg_rag.apps.rag_chat import (
     NO_LLM_NOTICE,
     SYSTEM_PROMPT,
     LLMSettings,

@@ -20,7 +20,7 @@ from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import NodeWithScore, QueryBundle
 
 from peg_rag.integrations.llama_index import PEGHybridRetriever
-from peg_rag.rag_chat import (
+from peg_rag.apps.rag_chat import (
     NO_LLM_NOTICE,
     SYSTEM_PROMPT,
     LLMSettings,

@@ -1,4 +1,4 @@
-"""What the LlamaIndex and LangChain embedding classes share: loading and calling PEGEncoder."""
+"""What the LlamaIndex and LangChain embedding classes share: loading and calling an encoder."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
-from peg_rag.encoder import PEGEncoder
+from peg_rag.core import Encoder, PEGEncoder
+from peg_rag.core.deprecation import renamed
 
 DEFAULT_MODEL = "TownsWu/PEG"
 
@@ -16,19 +17,19 @@ DEFAULT_MODEL = "TownsWu/PEG"
 LOAD_OPTIONS = (
     "pooling",
     "normalize",
-    "query_instruction",
-    "passage_instruction",
+    "query_prompt",
+    "passage_prompt",
     "max_length",
     "device",
     "dtype",
     "trust_remote_code",
     "quantize",
 )
+# Field names of peg-rag 0.1, accepted with a warning until 0.3.
+RENAMED = {"query_instruction": "query_prompt", "passage_instruction": "passage_prompt"}
 
 
-def load_encoder(
-    model_name: str, encoder: PEGEncoder | None, options: dict[str, Any]
-) -> PEGEncoder:
+def load_encoder(model_name: str, encoder: Encoder | None, options: dict[str, Any]) -> Encoder:
     """Load ``model_name`` with ``options``, or take a ready ``encoder`` (then no options)."""
     # None means "as the model files say"; trust_remote_code=False is the default too.
     given = {
@@ -45,44 +46,36 @@ def load_encoder(
     return encoder
 
 
-def encoder_name(encoder: PEGEncoder) -> str:
-    """The hub id or path a loaded encoder's model came from ('' when unknown)."""
-    return str(getattr(encoder.model.config, "_name_or_path", "") or "")
-
-
-def encoder_options(encoder: PEGEncoder) -> dict[str, Any]:
+def encoder_options(encoder: Encoder) -> dict[str, Any]:
     """The loading options that reproduce a loaded encoder, for the wrappers' fields."""
-    settings = encoder.settings()
     return {
-        "pooling": settings.pooling,
-        "normalize": settings.normalize,
-        "query_instruction": settings.query_prompt,
-        "passage_instruction": settings.passage_prompt,
-        "max_length": settings.max_length,
-        "device": str(encoder.device),
-        "dtype": str(next(encoder.model.parameters()).dtype).removeprefix("torch."),
-        "quantize": "int8" if encoder.quantized else None,
+        "pooling": encoder.pooling,
+        "normalize": encoder.normalize,
+        "query_prompt": encoder.query_prompt,
+        "passage_prompt": encoder.passage_prompt,
+        "max_length": encoder.max_length,
+        **encoder.load_options,
     }
 
 
 class EncoderRunner:
-    """Calls one PEGEncoder from any thread, one batch at a time.
+    """Calls one encoder from any thread, one batch at a time.
 
     Async callers run these methods in worker threads; the lock keeps concurrent
     batches from competing for the same cores and model.
     """
 
-    def __init__(self, encoder: PEGEncoder) -> None:
+    def __init__(self, encoder: Encoder) -> None:
         self.encoder = encoder
         self._lock = threading.Lock()
 
     def queries(self, texts: Sequence[str], **options: Any) -> list[list[float]]:
-        """Query vectors as lists; ``options`` go to PEGEncoder.encode."""
+        """Query vectors as lists; ``options`` go to the encoder's ``encode``."""
         with self._lock:
             return self.encoder.encode_queries(texts, **options).tolist()
 
     def passages(self, texts: Sequence[str], **options: Any) -> list[list[float]]:
-        """Passage vectors as lists; ``options`` go to PEGEncoder.encode."""
+        """Passage vectors as lists; ``options`` go to the encoder's ``encode``."""
         with self._lock:
             return self.encoder.encode_passages(texts, **options).tolist()
 
@@ -99,8 +92,8 @@ class EncoderOptions(BaseModel):
     model_name: str = Field(default=DEFAULT_MODEL, description="Hub id or local model directory.")
     pooling: str | None = Field(default=None, description="'cls' or 'mean'.")
     normalize: bool | None = Field(default=None, description="L2-normalize vectors.")
-    query_instruction: str | None = Field(default=None, description="Prefix for queries.")
-    passage_instruction: str | None = Field(default=None, description="Prefix for passages.")
+    query_prompt: str | None = Field(default=None, description="Prefix for queries.")
+    passage_prompt: str | None = Field(default=None, description="Prefix for passages.")
     max_length: int | None = Field(default=None, description="Max tokens per text.")
     device: str | None = Field(default=None, description="cpu, cuda, mps (default: best).")
     dtype: str | None = Field(default=None, description="float32, bfloat16 or float16.")
@@ -109,7 +102,16 @@ class EncoderOptions(BaseModel):
 
     _runner: EncoderRunner = PrivateAttr()
 
-    def _start(self, encoder: PEGEncoder | None) -> None:
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_fields(cls, values: Any) -> Any:
+        if isinstance(values, dict):
+            for old, new in RENAMED.items():
+                if old in values:
+                    values[new] = renamed(old, new, values.pop(old), values.get(new), stacklevel=6)
+        return values
+
+    def _start(self, encoder: Encoder | None) -> None:
         """Load the model (or take ``encoder``) and record the settings in use."""
         options = {name: getattr(self, name) for name in LOAD_OPTIONS}
         self._runner = EncoderRunner(load_encoder(self.model_name, encoder, options))
@@ -117,11 +119,11 @@ class EncoderOptions(BaseModel):
             setattr(self, name, value)
 
     @property
-    def encoder(self) -> PEGEncoder:
-        """The PEGEncoder behind these embeddings."""
+    def encoder(self) -> Encoder:
+        """The encoder behind these embeddings."""
         return self._runner.encoder
 
 
-def wrapper_name(model_name: str | None, encoder: PEGEncoder | None) -> str:
+def wrapper_name(model_name: str | None, encoder: Encoder | None) -> str:
     """``model_name``, else where a given encoder came from, else the default model."""
-    return model_name or (encoder_name(encoder) if encoder is not None else "") or DEFAULT_MODEL
+    return model_name or (encoder.name_or_path if encoder is not None else "") or DEFAULT_MODEL

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
-from peg_rag.encoder import PEGEncoder
-from peg_rag.hybrid import CONFIG_FILE, HybridRetriever, RetrievalResult
+from peg_rag.core import Encoder
+from peg_rag.retrieval import HybridRetriever, RetrievalResult, is_index
 
 # Metadata keys a retrieved node/document gets besides its own metadata.
 RETRIEVAL_KEYS = (
@@ -22,16 +21,18 @@ RETRIEVAL_KEYS = (
     "bm25_rank",
 )
 
-EncoderLike = PEGEncoder | str | os.PathLike[str] | Any
+EncoderLike = Encoder | str | os.PathLike[str] | Any
 
 
-def as_encoder(encoder: EncoderLike) -> PEGEncoder | str:
-    """A PEGEncoder, a model name, or an embedding wrapper with an ``.encoder``."""
+def as_encoder(encoder: EncoderLike) -> Encoder | str:
+    """An encoder, a model name, or an embedding wrapper with an ``.encoder``."""
     inner = getattr(encoder, "encoder", None)
-    if isinstance(inner, PEGEncoder):
+    if isinstance(inner, Encoder):
         return inner
-    if isinstance(encoder, (PEGEncoder, str, os.PathLike)):
-        return encoder if isinstance(encoder, PEGEncoder) else str(encoder)
+    if isinstance(encoder, Encoder):
+        return encoder
+    if isinstance(encoder, (str, os.PathLike)):
+        return str(encoder)
     raise TypeError(
         f"encoder must be a PEGEncoder, a model name or directory, or PEGEmbedding(s); "
         f"got {type(encoder).__name__}"
@@ -53,7 +54,7 @@ def open_hybrid(
     ``settings`` (chunking, fusion...) are those saved with it. Otherwise a new index is
     created there (or in memory for ``index_dir=None``) with ``settings``.
     """
-    if index_dir is not None and (Path(index_dir) / CONFIG_FILE).is_file():
+    if index_dir is not None and is_index(index_dir):
         retriever = load_hybrid(index_dir, encoder)
     else:
         retriever = HybridRetriever.create(index_dir, as_encoder(encoder), **settings)
@@ -64,9 +65,9 @@ def open_hybrid(
 def load_hybrid(
     index_dir: str | os.PathLike[str], encoder: EncoderLike | None = None
 ) -> HybridRetriever:
-    """Open a saved index; its own model is loaded unless a PEGEncoder (or wrapper) is given."""
+    """Open a saved index; its own model is loaded unless an encoder (or wrapper) is given."""
     model = as_encoder(encoder) if encoder is not None else None
-    return HybridRetriever.load(index_dir, encoder=model if isinstance(model, PEGEncoder) else None)
+    return HybridRetriever.load(index_dir, encoder=model if isinstance(model, Encoder) else None)
 
 
 def result_id(retriever: HybridRetriever, result: RetrievalResult) -> str:

@@ -13,6 +13,9 @@ import threading
 from collections.abc import Iterable
 from typing import Any, Literal
 
+from peg_rag.core.extras import require
+
+require("langchain_core", "langchain", "peg_rag.integrations.langchain")
 from langchain_core.callbacks import (
     AsyncCallbackManagerForRetrieverRun,
     CallbackManagerForRetrieverRun,
@@ -22,9 +25,8 @@ from langchain_core.embeddings import Embeddings
 from langchain_core.retrievers import BaseRetriever
 from pydantic import ConfigDict, Field, PrivateAttr, field_validator
 
-from peg_rag import filters as where_filters
-from peg_rag.encoder import PEGEncoder
-from peg_rag.hybrid import HybridRetriever
+from peg_rag.core import Encoder
+from peg_rag.retrieval import HybridRetriever, validate_filter
 
 from .encoding import EncoderOptions, wrapper_name
 from .hybrid import EncoderLike, load_hybrid, open_hybrid, result_id, result_metadata
@@ -36,7 +38,7 @@ class PEGEmbeddings(EncoderOptions, Embeddings):
     ``model_name`` is a hub id or a local directory, as for ``HuggingFaceEmbeddings``;
     the other fields are PEGEncoder's loading options (None: as the model files say).
     Pass ``encoder=`` to reuse an already loaded PEGEncoder instead. ``embed_query``
-    adds the query instruction, ``embed_documents`` the passage instruction. The async
+    adds the query prompt, ``embed_documents`` the passage prompt. The async
     methods run the model in a worker thread, so the event loop keeps running.
     """
 
@@ -45,7 +47,7 @@ class PEGEmbeddings(EncoderOptions, Embeddings):
     batch_size: int = Field(default=32, gt=0, description="Texts per forward pass.")
     show_progress: bool = Field(default=False, description="Show a progress bar when encoding.")
 
-    def __init__(self, *, encoder: PEGEncoder | None = None, **kwargs: Any) -> None:
+    def __init__(self, *, encoder: Encoder | None = None, **kwargs: Any) -> None:
         kwargs["model_name"] = wrapper_name(kwargs.get("model_name"), encoder)
         super().__init__(**kwargs)
         self._start(encoder)
@@ -91,7 +93,7 @@ class PEGHybridRetriever(BaseRetriever):
     @classmethod
     def _valid_filters(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         if value:
-            where_filters.validate(value)
+            validate_filter(value)
         return value or None
 
     @classmethod

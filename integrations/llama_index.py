@@ -11,6 +11,9 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from peg_rag.core.extras import require
+
+require("llama_index.core", "llama-index", "peg_rag.integrations.llama_index")
 from llama_index.core.base.base_retriever import BaseRetriever
 from llama_index.core.base.embeddings.base import BaseEmbedding, Embedding
 from llama_index.core.bridge.pydantic import Field
@@ -27,9 +30,8 @@ from llama_index.core.schema import (
 )
 from llama_index.core.vector_stores.types import FilterCondition, FilterOperator, MetadataFilters
 
-from peg_rag import filters as where_filters
-from peg_rag.encoder import PEGEncoder
-from peg_rag.hybrid import HybridRetriever, RetrievalResult
+from peg_rag.core import Encoder
+from peg_rag.retrieval import HybridRetriever, RetrievalResult, validate_filter
 
 from .encoding import EncoderOptions, wrapper_name
 from .hybrid import (
@@ -48,7 +50,7 @@ class PEGEmbedding(EncoderOptions, BaseEmbedding):
     ``model_name`` is a hub id or a local directory, as for ``HuggingFaceEmbedding``;
     the other fields are PEGEncoder's loading options (None: as the model files say).
     Pass ``encoder=`` to reuse an already loaded PEGEncoder instead. Queries get the
-    query instruction, nodes the passage instruction. ``embed_batch_size`` texts go
+    query prompt, nodes the passage prompt. ``embed_batch_size`` texts go
     through the model in one forward pass; the async methods run the model in a
     worker thread, so the event loop keeps running meanwhile.
     """
@@ -56,7 +58,7 @@ class PEGEmbedding(EncoderOptions, BaseEmbedding):
     embed_batch_size: int = Field(default=32, gt=0, le=2048, description="Texts per forward pass.")
 
     def __init__(
-        self, model_name: str | None = None, *, encoder: PEGEncoder | None = None, **kwargs: Any
+        self, model_name: str | None = None, *, encoder: Encoder | None = None, **kwargs: Any
     ) -> None:
         super().__init__(model_name=wrapper_name(model_name, encoder), **kwargs)
         self._start(encoder)
@@ -85,7 +87,7 @@ class PEGEmbedding(EncoderOptions, BaseEmbedding):
         return await asyncio.to_thread(self._get_text_embeddings, texts)
 
 
-# LlamaIndex filter operators and their Chroma-style equivalents in peg_rag.filters.
+# LlamaIndex filter operators and their Chroma-style equivalents in peg_rag.retrieval.filters.
 _OPERATORS = {
     FilterOperator.EQ: "$eq",
     FilterOperator.NE: "$ne",
@@ -168,7 +170,7 @@ class PEGHybridRetriever(BaseRetriever):
     def filters(self, value: MetadataFilters | Mapping[str, Any] | None) -> None:
         where = to_where(value) if isinstance(value, MetadataFilters) else value
         if where:
-            where_filters.validate(where)
+            validate_filter(where)
         self._filters, self._where = value, where or None
 
     @classmethod

@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 
-from peg_rag.bm25 import BM25Index, ChineseTokenizer, bundled_stopwords
+from peg_rag.retrieval.bm25 import BM25Index, ChineseTokenizer, bundled_stopwords
 
 DOCS = {
     "d1": "糖尿病患者的饮食需要控制碳水化合物的摄入。",

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-import peg_rag.demo as demo
+import peg_rag.apps.demo as demo
 from peg_rag.cli import main
-from peg_rag.kb_model import Recipe, build_tokenizer, training_pairs
-from peg_rag.sample_data import kb_documents, load_sample_kb, load_sample_questions
+from peg_rag.apps.kb_model import Recipe, build_tokenizer, training_pairs
+from peg_rag.apps.sample_data import kb_documents, load_sample_kb, load_sample_questions
 
 # A fallback recipe small enough for a test: the real one trains for minutes.
 TINY = Recipe(
@@ -118,7 +118,7 @@ def test_fallback_never_reads_the_questions(offline, tmp_path, monkeypatch):
         raise AssertionError("the fallback model must not see the sample questions")
 
     monkeypatch.setattr(demo, "load_sample_questions", forbidden)
-    monkeypatch.setattr("peg_rag.sample_data.load_sample_questions", forbidden)
+    monkeypatch.setattr("peg_rag.apps.sample_data.load_sample_questions", forbidden)
     model_dir = demo.fallback_model(tmp_path, TINY, out=lambda line: None)
     assert (model_dir / "config.json").is_file()
 

@@ -12,7 +12,7 @@ import torch
 from conftest import CHINESE_TEXTS
 
 from peg_rag import ModelNotFoundError, PEGEncoder
-from peg_rag.encoder import pool
+from peg_rag.core.encoder import pool
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from types import ModuleType
 
 import pytest
 
-from peg_rag.rag_chat import NO_LLM_NOTICE, SYSTEM_PROMPT
+from peg_rag.apps.rag_chat import NO_LLM_NOTICE, SYSTEM_PROMPT
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 NAMES = ["llama_index_chat", "langchain_chat"]

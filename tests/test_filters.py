@@ -6,8 +6,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from peg_rag.filters import mask, matches, to_chroma, validate
-from peg_rag.store import ChromaStore
+from peg_rag.retrieval.filters import mask, matches, to_chroma, validate_filter
+from peg_rag.retrieval.store import ChromaStore
 
 RECORDS = {
     "r0": {"year": 2020, "lang": "zh", "ok": True, "score": 0.5},
@@ -98,4 +98,4 @@ def test_several_fields_mean_all_of_them(chroma):
 )
 def test_unsupported_filters_are_rejected(bad):
     with pytest.raises(ValueError):
-        validate(bad)
+        validate_filter(bad)

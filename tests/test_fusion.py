@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from peg_rag.fusion import min_max, reciprocal_rank, relative_score
+from peg_rag.retrieval.fusion import min_max, reciprocal_rank, relative_score
 
 
 def test_rrf_matches_hand_computed_scores():

@@ -12,9 +12,9 @@ import textwrap
 import pytest
 
 from peg_rag import Document, HybridRetriever, PEGEncoder
-from peg_rag.fusion import reciprocal_rank, relative_score
-from peg_rag.hybrid import InconsistentIndexError
-from peg_rag.hybrid_eval import index_corpus, run_queries
+from peg_rag.retrieval.fusion import reciprocal_rank, relative_score
+from peg_rag.retrieval.hybrid import InconsistentIndexError
+from peg_rag.retrieval.evaluate import index_corpus, run_queries
 
 DOCS = [
     Document(
@@ -266,8 +266,8 @@ def test_beir_helpers_return_document_runs(encoder):
 def test_hybrid_beats_either_retriever_alone_on_a_small_medical_set(me5_dir):
     from conftest import EVAL_DIR
 
-    from peg_rag.trainer.beir import load_beir
-    from peg_rag.trainer.metrics import retrieval_scores
+    from peg_rag.core.beir import load_beir
+    from peg_rag.core.metrics import retrieval_scores
 
     data = load_beir(EVAL_DIR / "cmedir-dev")
     qrels = dict(list(data.qrels.items())[:150])

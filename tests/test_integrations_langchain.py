@@ -17,7 +17,7 @@ from langchain_tests.unit_tests import EmbeddingsUnitTests
 
 from peg_rag import PEGEncoder
 from peg_rag.integrations.langchain import PEGEmbeddings, PEGHybridRetriever, text_id
-from peg_rag.sample_data import load_sample_kb
+from peg_rag.apps.sample_data import load_sample_kb
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

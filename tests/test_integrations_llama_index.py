@@ -28,7 +28,7 @@ from llama_index.core.vector_stores import (
 from peg_rag import PEGEncoder
 from peg_rag.integrations.hybrid import RETRIEVAL_KEYS
 from peg_rag.integrations.llama_index import PEGEmbedding, PEGHybridRetriever, to_where
-from peg_rag.sample_data import load_sample_kb
+from peg_rag.apps.sample_data import load_sample_kb
 
 TEXTS = [
     "异地就医需要先办理备案",

@@ -6,9 +6,9 @@ import math
 
 import pytest
 
-from peg_rag.jsonl import DataError
-from peg_rag.trainer.beir import load_beir, load_pairs
-from peg_rag.trainer.metrics import (
+from peg_rag.core.records import DataError
+from peg_rag.core.beir import load_beir, load_pairs
+from peg_rag.core.metrics import (
     mrr_at_k,
     ndcg_at_k,
     recall_at_k,

@@ -10,8 +10,8 @@ import pytest
 from conftest import CHINESE_TEXTS
 
 from peg_rag.cli import main
-from peg_rag.encoder import PEGEncoder
-from peg_rag.jsonl import DataError
+from peg_rag.core.encoder import PEGEncoder
+from peg_rag.core.records import DataError
 from peg_rag.trainer.data import parse_example
 from peg_rag.trainer.mine import (
     MiningOptions,

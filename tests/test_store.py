@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from peg_rag.store import ChromaStore, VectorStore, open_store
+from peg_rag.retrieval.store import ChromaStore, VectorStore, open_store
 
 
 def _unit(rows: int, dim: int = 8, seed: int = 0) -> np.ndarray:

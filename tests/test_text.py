@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from peg_rag.text import Chunker, normalize_width, split_sentences
+from peg_rag.retrieval.chunker import Chunker, normalize_width, split_sentences
 
 # Text drawn from CJK characters, sentence ends, closers, spaces, newlines and some ASCII.
 ALPHABET = (

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from peg_rag.trainer.topk import faiss_available, top_k
+from peg_rag.retrieval.topk import faiss_available, top_k
 
 BACKENDS = [
     "torch",

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from trainer_utils import make_records, write_lines
 
-from peg_rag.jsonl import DataError
+from peg_rag.core.records import DataError
 from peg_rag.trainer.data import TrainData, permute
 
 

@@ -20,7 +20,7 @@ import yaml
 from conftest import CHINESE_TEXTS, build_tiny_model
 from trainer_utils import make_records, weights, write_lines
 
-from peg_rag.encoder import PEGEncoder
+from peg_rag.core.encoder import PEGEncoder
 from peg_rag.trainer import data as data_module
 from peg_rag.trainer import make_config, train
 

@@ -9,7 +9,7 @@ import torch
 from conftest import CHINESE_TEXTS
 from safetensors.torch import load_file
 
-from peg_rag.encoder import PEGEncoder
+from peg_rag.core.encoder import PEGEncoder
 
 
 def write_lines(path: Path, records: list[dict]) -> Path:

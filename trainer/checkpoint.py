@@ -10,14 +10,14 @@ system all processes share (the rename is what makes a checkpoint visible).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
-from peg_rag.encoder import PEGEncoder
+from peg_rag.core.encoder import PEGEncoder
+from peg_rag.core.files import read_json, recover_swaps, swap_dir, write_json
 
 STATE_FILE = "trainer_state.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -38,10 +38,7 @@ def remove_partial(output_dir: Path) -> None:
     if folder.is_dir():
         for path in folder.glob(".tmp-*"):
             shutil.rmtree(path, ignore_errors=True)
-    for path in output_dir.glob(".tmp-old-*"):  # killed between the two renames below
-        target = path.with_name(path.name.removeprefix(".tmp-old-"))
-        if not target.exists():
-            os.rename(path, target)
+    recover_swaps(output_dir)  # killed between the two renames of save_model_atomically
     for path in output_dir.glob(".tmp-*"):
         shutil.rmtree(path, ignore_errors=True)
 
@@ -59,7 +56,7 @@ def save_checkpoint(
     accelerator.save_state(str(tmp), safe_serialization=True)
     if accelerator.is_main_process:
         encoder.save_pretrained(tmp / "model")
-        write_json(tmp / STATE_FILE, state)
+        write_json(tmp / STATE_FILE, state, indent=2)
         if final.exists():  # the same step written again after a resume
             shutil.rmtree(final)
         os.rename(tmp, final)
@@ -74,26 +71,11 @@ def save_model_atomically(encoder: PEGEncoder, target: Path) -> None:
     tmp = target.with_name(f".tmp-{target.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     encoder.save_pretrained(tmp)
-    old = target.with_name(f".tmp-old-{target.name}")
-    if target.exists():
-        os.rename(target, old)
-    os.rename(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def write_text(path: Path, text: str) -> None:
-    """Replace a file's content atomically."""
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, value: Any) -> None:
-    write_text(path, json.dumps(value, indent=2, ensure_ascii=False))
+    swap_dir(tmp, target)
 
 
 def read_state(checkpoint: Path) -> dict[str, Any]:
     path = checkpoint / STATE_FILE
     if not path.is_file():
         raise ValueError(f"{checkpoint} is not a complete checkpoint (no {STATE_FILE})")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return read_json(path)

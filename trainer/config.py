@@ -19,11 +19,21 @@ from typing import Any
 
 import yaml
 
+from peg_rag.core.deprecation import warn_renamed
+from peg_rag.core.model_files import POOLING_MODES
+
+DESCRIPTION = (
+    "Fine-tune an embedding model on query/pos/neg JSONL with in-batch and hard negatives, "
+    "gradient caching (batch size independent of memory) and progressive weighting. "
+    "Settings come from --config FILE.yaml, whose keys are these flags with underscores; "
+    "flags win over the file."
+)
 PROGRESSIVE = ("off", "linear", "cosine", "step")
 LR_SCHEDULES = ("linear", "cosine", "constant")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
-POOLINGS = ("cls", "mean")
 REQUIRED = ("model", "train", "output_dir")
+# Keys of peg-rag 0.1, still read (with a warning) until 0.3.
+RENAMED = {"query_instruction": "query_prompt", "passage_instruction": "passage_prompt"}
 
 
 class ConfigError(ValueError):
@@ -93,10 +103,10 @@ class TrainConfig:
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward to save memory")
     # Encoder settings (default: the model's sentence-transformers files).
     pooling: str | None = _opt(
-        None, "cls or mean (default: from the model files)", choices=POOLINGS
+        None, "cls or mean (default: from the model files)", choices=POOLING_MODES
     )
-    query_instruction: str | None = _opt(None, "query prefix (default: the model's query prompt)")
-    passage_instruction: str | None = _opt(None, "passage prefix (default: the model's prompt)")
+    query_prompt: str | None = _opt(None, "query prefix (default: the model's query prompt)")
+    passage_prompt: str | None = _opt(None, "passage prefix (default: the model's prompt)")
     trust_remote_code: bool = _opt(False, "run code shipped with the model")
     # Logging, checkpoints, evaluation.
     logging_steps: int = _opt(10, "log training metrics every N steps")
@@ -203,6 +213,9 @@ def _convert(name: str, value: Any, origin: str) -> Any:
 
 def _check_key(key: Any, origin: str) -> str:
     name = str(key).replace("-", "_")
+    if name in RENAMED:
+        warn_renamed(name, RENAMED[name], stacklevel=4)
+        name = RENAMED[name]
     if name not in FIELDS:
         close = difflib.get_close_matches(name, FIELDS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -356,9 +369,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         elif name == "resume":
             kwargs.update(nargs="?", const="latest")
         parser.add_argument(flag, **kwargs)
+    for old in RENAMED:  # hidden; config_from_args warns and maps them
+        parser.add_argument(
+            "--" + old.replace("_", "-"),
+            dest=old,
+            default=argparse.SUPPRESS,
+            help=argparse.SUPPRESS,
+        )
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The TrainConfig of a namespace parsed with add_arguments' flags."""
-    given = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
+    given = {name: getattr(args, name) for name in [*FIELDS, *RENAMED] if hasattr(args, name)}
     return _build(args.config, given, lambda name: "--" + name.replace("_", "-"))

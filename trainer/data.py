@@ -32,7 +32,14 @@ from typing import Any, BinaryIO, TypeVar
 
 import numpy as np
 
-from peg_rag.jsonl import DataError, Skipped, Where, decode_line, text_field, text_list_field
+from peg_rag.core.records import (
+    DataError,
+    FileLine,
+    Skipped,
+    decode_line,
+    text_field,
+    text_list_field,
+)
 
 logger = logging.getLogger("peg_rag")
 T = TypeVar("T")
@@ -124,7 +131,7 @@ def _mix(z: np.ndarray) -> np.ndarray:
 
 
 class LineIndex:
-    """Where every valid line is, grouped by source; the lines themselves stay on disk."""
+    """FileLine every valid line is, grouped by source; the lines themselves stay on disk."""
 
     def __init__(self, files: Sequence[Path], *, skip_bad_lines: bool = False) -> None:
         self.files = list(files)
@@ -172,7 +179,7 @@ class LineIndex:
                 start, offset = offset, offset + len(line)
                 if not line.strip():
                     continue
-                where = Where(path, number)
+                where = FileLine(path, number)
                 try:
                     example = parse_example(decode_line(line, where), where)
                 except DataError as error:
@@ -190,7 +197,7 @@ class LineIndex:
         if handle is None:
             handle = self._handles[number] = self.files[number].open("rb")
         handle.seek(offset)
-        where = Where(self.files[number], 0)
+        where = FileLine(self.files[number], 0)
         try:
             return parse_example(decode_line(handle.readline(), where), where)
         except DataError:

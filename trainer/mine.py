@@ -22,31 +22,16 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from peg_rag.commands.common import atomic_path
-from peg_rag.jsonl import Where, read_jsonl
+from peg_rag.core.beir import corpus_text
+from peg_rag.core.encoding import Encoder
+from peg_rag.core.files import atomic_writer
+from peg_rag.core.records import read_jsonl
+from peg_rag.retrieval.topk import top_k
 
-from .beir import corpus_text
 from .data import Example, parse_example
-from .topk import top_k
+from .mine_options import MiningOptions
 
-
-@dataclass(frozen=True)
-class MiningOptions:
-    """How many negatives to take, from which ranks, and the false-negative guard."""
-
-    negatives: int = 5
-    range_min: int = 10
-    range_max: int = 100
-    max_score_ratio: float = 0.95
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.negatives < 1:
-            raise ValueError(f"negatives must be >= 1, got {self.negatives}")
-        if not 0 <= self.range_min < self.range_max:
-            raise ValueError(
-                f"need 0 <= range_min < range_max, got {self.range_min}, {self.range_max}"
-            )
+__all__ = ["MiningOptions", "MiningStats", "check_output", "mine_file", "mine_negatives"]
 
 
 @dataclass
@@ -90,10 +75,10 @@ def read_corpus(paths: Sequence[str | Path]) -> list[str]:
     return unique(texts)
 
 
-def encode_queries(encoder, examples: Sequence[Example]) -> tuple[np.ndarray, np.ndarray]:
+def encode_queries(encoder: Encoder, examples: Sequence[Example]) -> tuple[np.ndarray, np.ndarray]:
     """Vectors of the distinct queries and each example's row among them.
 
-    A line's ``prompt`` replaces the model's query instruction, as the trainer does.
+    A line's ``prompt`` replaces the model's query prompt, as the trainer does.
     """
     keys = list(dict.fromkeys((e.prompt, e.query) for e in examples))
     row = {key: i for i, key in enumerate(keys)}
@@ -108,7 +93,7 @@ def encode_queries(encoder, examples: Sequence[Example]) -> tuple[np.ndarray, np
 
 
 def positive_scores(
-    encoder,
+    encoder: Encoder,
     examples: Sequence[Example],
     query_vectors: np.ndarray,
     query_rows: np.ndarray,
@@ -174,7 +159,7 @@ def choose_negatives(
 
 
 def mine_negatives(
-    encoder,
+    encoder: Encoder,
     examples: Sequence[Example],
     pool: Sequence[str],
     options: MiningOptions = MiningOptions(),
@@ -218,7 +203,7 @@ def check_output(source: Path, target: Path, *, overwrite: bool) -> None:
 
 
 def mine_file(
-    encoder,
+    encoder: Encoder,
     source: str | Path,
     target: str | Path,
     *,
@@ -248,9 +233,7 @@ def mine_file(
     chosen, stats = mine_negatives(
         encoder, examples, pool, options, show_progress_bar=show_progress_bar
     )
-    tmp = atomic_path(target)
-    with tmp.open("w", encoding="utf-8") as handle:
+    with atomic_writer(target) as handle:
         for (record, _), negatives in zip(lines, chosen, strict=True):
             handle.write(json.dumps({**record, "neg": negatives}, ensure_ascii=False) + "\n")
-    os.replace(tmp, target)
     return stats

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from peg_rag.encoder import PEGEncoder
+from peg_rag.core.encoder import PEGEncoder
 
 from .collate import StepInputs
 from .distributed import all_max, all_sum, gather_rows, rank_and_world, reduce_rows

@@ -26,7 +26,15 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from peg_rag.encoder import PEGEncoder
+from peg_rag.core.extras import require
+
+require("accelerate", "train", "peg-rag's trainer")  # first, so that the error names the extra
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+
+from peg_rag.core.encoder import PEGEncoder
+from peg_rag.core.files import write_json, write_text
+from peg_rag.retrieval.evaluate import evaluate_folder
 
 from . import checkpoint as ckpt
 from .collate import build_inputs
@@ -58,16 +66,24 @@ class TrainResult:
     metrics: dict[str, float] = field(default_factory=dict)  # the last evaluation
     last_step: dict[str, float] = field(default_factory=dict)  # the last logged training values
 
+    def summary(self) -> str:
+        """What the command line prints at the end of a run."""
+        lines = [f"trained {self.step} steps; model saved to {self.model_dir}"]
+        if self.best:
+            lines.append(
+                f"best {self.best['metric']} = {self.best['value']:.4f} at step "
+                f"{self.best['step']}: {self.best_model_dir}"
+            )
+        return "\n".join(lines)
+
 
 def train(config: TrainConfig, *, evaluate: Evaluate | None = None) -> TrainResult:
     """Train ``config.model`` on ``config.train``; returns where the results are.
 
     ``evaluate(encoder, folder) -> {metric: value}`` runs on every ``eval_dirs`` entry every
-    ``eval_steps`` steps and at the end (default: ``peg_rag.trainer.evaluate.evaluate_folder``).
+    ``eval_steps`` steps and at the end (default: :func:`peg_rag.retrieval.evaluate.evaluate_folder`).
     """
     validate(config)
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -111,8 +127,8 @@ def train(config: TrainConfig, *, evaluate: Evaluate | None = None) -> TrainResu
         dtype="float32",
         device=accelerator.device,
         pooling=config.pooling,
-        query_instruction=config.query_instruction,
-        passage_instruction=config.passage_instruction,
+        query_prompt=config.query_prompt,
+        passage_prompt=config.passage_prompt,
         max_length=config.max_length,
         trust_remote_code=config.trust_remote_code,
     )
@@ -407,7 +423,7 @@ class _JsonLog:
                 for line in path.read_text(encoding="utf-8").splitlines()
                 if line.strip() and json.loads(line)["step"] <= keep_until
             ]
-            ckpt.write_text(path, "".join(line + "\n" for line in kept))
+            write_text(path, "".join(line + "\n" for line in kept))
 
     def write(self, step: int, values: dict[str, float]) -> None:
         if self.enabled:
@@ -419,10 +435,8 @@ class _Evaluator:
     """Evaluates on the main process, logs the metrics, keeps the best model."""
 
     def __init__(self, config, evaluate, encoder, output_dir: Path, best) -> None:
-        if evaluate is None:
-            from .evaluate import evaluate_folder as evaluate
         self.config = config
-        self.evaluate = evaluate
+        self.evaluate = evaluate or evaluate_folder
         self.encoder = encoder
         self.best = best
         self.best_dir = output_dir / "best-model"
@@ -453,4 +467,4 @@ class _Evaluator:
         if self.best is None or metrics[name] > self.best["value"]:
             ckpt.save_model_atomically(self.encoder, self.best_dir)
             self.best = {"step": step, "metric": name, "value": metrics[name]}
-            ckpt.write_json(self.best_dir / "best.json", self.best)
+            write_json(self.best_dir / "best.json", self.best, indent=2)

@@ -2,7 +2,7 @@
 
 The model is found in this order: an explicit ``--model`` or ``$PEG_RAG_MODEL``; then
 ``TownsWu/PEG`` from the Hugging Face Hub or its local cache; then a fallback: a small
-PEG model trained on the knowledge base itself (:mod:`peg_rag.kb_model`), announced
+PEG model trained on the knowledge base itself (:mod:`peg_rag.apps.kb_model`), announced
 loudly and cached, so a machine with no hub access still runs the whole demo.
 
 The knowledge base is indexed into embedded Chroma + jieba BM25 (a HybridRetriever in
@@ -13,7 +13,6 @@ user asks the questions.
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from collections import Counter
@@ -21,101 +20,35 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .kb_model import QUICK, Recipe, train_kb_model
-from .model_files import ModelNotFoundError, resolve_model_dir
+from transformers.utils import logging as transformers_logging
+
+from peg_rag.core.cache import cache_dir
+from peg_rag.core.encoding import Encoder
+from peg_rag.retrieval.evaluate import run_queries
+from peg_rag.retrieval.hybrid import HybridRetriever
+from peg_rag.retrieval.index_files import is_index
+
+from .kb_model import QUICK, Recipe
+from .model_choice import FALLBACK_SOURCE, Print, resolve_model
 from .rag_chat import Source, citation_lines, extractive_answer, typed_questions
 from .sample_data import Question, kb_documents, load_sample_questions
 
-HUB_MODEL = "TownsWu/PEG"
-ENV_MODEL = "PEG_RAG_MODEL"
-ENV_CACHE = "PEG_RAG_CACHE"
 QUICK_QUESTIONS_PER_DOMAIN = 3
 # The fallback model knows only the knowledge base's own wording, so BM25 leads the fusion
 # (the mirror image of HybridSettings' default dense 0.7 / BM25 0.3 for pretrained models).
 FALLBACK_WEIGHTS = {"dense": 0.3, "bm25": 0.7}
-BANNER_WIDTH = 78
-FALLBACK_SOURCE = "fallback trained on the knowledge base"
-
-Print = Callable[[str], None]
-
-
-def cache_dir() -> Path:
-    """``$PEG_RAG_CACHE``, else ``$XDG_CACHE_HOME/peg-rag``, else ``~/.cache/peg-rag``."""
-    if os.environ.get(ENV_CACHE):
-        return Path(os.environ[ENV_CACHE]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "peg-rag"
-
-
-def find_pretrained(name: str = HUB_MODEL) -> Path | None:
-    """The hub model's local directory (downloaded or already cached), None if unreachable."""
-    try:
-        return resolve_model_dir(name)
-    except ModelNotFoundError:
-        return None
-
-
-def announce(lines: list[str], out: Print) -> None:
-    """A banner that is hard to miss."""
-    rule = "!" * BANNER_WIDTH
-    out("\n".join([rule, *(f"!! {line}" for line in lines), rule]))
-
-
-def fallback_model(cache: Path, recipe: Recipe, out: Print) -> Path:
-    """The knowledge-base-trained model: from the cache, or trained now (and cached)."""
-    documents = kb_documents()
-    texts = [d.text for d in documents]
-    target = cache / "fallback-models" / recipe.key(texts)
-    if (target / "config.json").is_file():
-        out(
-            f"FALLBACK: no pretrained model reachable; using the small model trained on the "
-            f"knowledge base earlier ({target})."
-        )
-        return target
-    announce(
-        [
-            f"No pretrained model: {HUB_MODEL} is neither reachable on the Hugging Face Hub",
-            "nor in the local cache, and no --model / $PEG_RAG_MODEL was given.",
-            "FALLBACK: training a small PEG model from the sample knowledge base itself",
-            f"({recipe.layers}-layer BERT, {recipe.hidden_size} wide, tokenizer built from the "
-            f"passages, {recipe.steps} steps",
-            "on pairs derived from passage titles and sentences; never the sample questions).",
-            f"It is cached in {target.parent}, so this happens once. It is much weaker than",
-            f"{HUB_MODEL}: give --model or $PEG_RAG_MODEL to use a pretrained model.",
-        ],
-        out,
-    )
-    started = time.perf_counter()
-    pairs = [(d.metadata.get("title", ""), d.text) for d in documents]
-    train_kb_model(pairs, target, recipe)
-    out(f"Fallback model trained in {time.perf_counter() - started:.0f} s: {target}")
-    return target
-
-
-def resolve_model(model: str | None, *, cache: Path, recipe: Recipe, out: Print) -> tuple[str, str]:
-    """(model name or directory, how it was found): explicit, hub, or fallback."""
-    if model:
-        return model, "given with --model"
-    if os.environ.get(ENV_MODEL):
-        return os.environ[ENV_MODEL], f"from ${ENV_MODEL}"
-    found = find_pretrained()
-    if found is not None:
-        return str(found), f"{HUB_MODEL} (Hugging Face Hub or local cache)"
-    return str(fallback_model(cache, recipe, out)), FALLBACK_SOURCE
 
 
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")[-80:] or "model"
 
 
-def open_index(encoder, index_dir: Path, out: Print, **settings):
+def open_index(encoder: Encoder, index_dir: Path, out: Print, **settings) -> HybridRetriever:
     """The demo's hybrid index, reused when it was built with the same vectors.
 
     ``settings`` (fusion weights...) apply when the index is created."""
-    from .hybrid import CONFIG_FILE, HybridRetriever
-
     retriever = None
-    if (index_dir / CONFIG_FILE).is_file():
+    if is_index(index_dir):
         try:
             retriever = HybridRetriever.load(index_dir, encoder=encoder)
         except ValueError as exc:  # built with another model: start over
@@ -165,8 +98,6 @@ def first_per_domain(questions: list[Question], n: int) -> list[Question]:
 def answer_questions(retriever, questions: list[Question], k: int, out: Print) -> dict[str, float]:
     """Print each question's top k sources (gold ones marked) and return hit@k per method:
     the hybrid retriever, and its dense and BM25 halves alone for comparison."""
-    from .hybrid_eval import run_queries
-
     queries = {q.id: q.text for q in questions}
     runs = run_queries(retriever, queries, k=k, methods=("dense", "bm25"))
     hybrid = retriever.retrieve_many(list(queries.values()), k)
@@ -204,7 +135,7 @@ def chat(retriever, k: int, out: Print) -> None:
 def run_demo(
     model: str | None = None,
     *,
-    load_encoder: Callable[[str], object],
+    load_encoder: Callable[[str], Encoder],
     quick: bool = False,
     interactive: bool = False,
     k: int = 5,
@@ -213,6 +144,7 @@ def run_demo(
     out: Print = print,
 ) -> DemoReport:
     """Run the demo; ``load_encoder(name)`` builds the PEGEncoder (CLI options applied)."""
+    transformers_logging.disable_progress_bar()  # no weight-loading bars between answers
     started = time.perf_counter()
     cache = cache or cache_dir()
     recipe = QUICK if quick else Recipe()

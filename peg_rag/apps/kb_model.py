@@ -4,7 +4,7 @@ When no pretrained model can be reached, the demo still needs a dense retriever.
 one from the passages only: a WordPiece tokenizer trained on their text, a small randomly
 initialized BERT with mean pooling, and contrastive pairs derived from the passages (title ->
 passage, sentence -> passage, and a sentence span -> the passage without it), trained with
-:func:`peg_rag.trainer.train`. User questions are never used.
+:func:`peg_rag.trainer.train` (the ``[train]`` extra). User questions are never used.
 """
 
 from __future__ import annotations
@@ -13,15 +13,20 @@ import dataclasses
 import hashlib
 import json
 import random
-import shutil
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .model_files import STSettings, write_st_settings
-from .text import split_sentences
+import torch
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+from peg_rag import trainer
+from peg_rag.core.files import swap_dir
+from peg_rag.core.model_files import STSettings, write_st_settings
+from peg_rag.core.text import split_sentences
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 # Punctuation users type that a knowledge base may never contain: keep it out of [UNK].
@@ -63,9 +68,6 @@ QUICK = Recipe(hidden_size=64, layers=2, heads=2, intermediate_size=128, steps=2
 
 def build_tokenizer(texts: Sequence[str], recipe: Recipe):
     """A BERT WordPiece tokenizer (one token per CJK character) trained on ``texts``."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
     core = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     core.normalizer = normalizers.BertNormalizer(handle_chinese_chars=True, lowercase=True)
     core.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
@@ -97,9 +99,6 @@ def build_tokenizer(texts: Sequence[str], recipe: Recipe):
 
 def build_untrained_model(texts: Sequence[str], directory: Path, recipe: Recipe) -> Path:
     """Save a freshly initialized small BERT, its tokenizer and mean-pooling settings."""
-    import torch
-    from transformers import BertConfig, BertModel
-
     tokenizer = build_tokenizer(texts, recipe)
     config = BertConfig(
         vocab_size=len(tokenizer),
@@ -152,8 +151,6 @@ def train_kb_model(
     ``documents`` are ``(title, text)`` with the text as it will be indexed. Shows the
     trainer's progress bar. Returns the directory, loadable with ``PEGEncoder.from_pretrained``.
     """
-    from .trainer import make_config, train
-
     target = Path(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}-") as work:
@@ -163,8 +160,8 @@ def train_kb_model(
         with data.open("w", encoding="utf-8") as out:
             for pair in training_pairs(documents, recipe.seed):
                 out.write(json.dumps(pair, ensure_ascii=False) + "\n")
-        result = train(
-            make_config(
+        result = trainer.train(
+            trainer.make_config(
                 model=str(initial),
                 train=[str(data)],
                 output_dir=str(work_dir / "run"),
@@ -180,7 +177,5 @@ def train_kb_model(
                 logging_steps=max(recipe.steps // 10, 1),
             )
         )
-        if target.exists():
-            shutil.rmtree(target)
-        result.model_dir.rename(target)
+        swap_dir(result.model_dir, target)
     return target

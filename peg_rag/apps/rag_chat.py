@@ -18,6 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from peg_rag.core.cache import cache_dir
+from peg_rag.core.documents import Document
+from peg_rag.core.documents import read_inputs as read_files
+from peg_rag.core.encoder import PEGEncoder
+from peg_rag.core.encoding import Encoder
+
+from .kb_model import Recipe
+from .model_choice import resolve_model
+from .sample_data import kb_documents
+
 ENV_MODEL = "PEG_RAG_LLM_MODEL"
 ENV_BASE_URL = "PEG_RAG_LLM_BASE_URL"
 ENV_API_KEY = "PEG_RAG_LLM_API_KEY"
@@ -115,31 +125,24 @@ def chat_arguments(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def chunk_size_for(encoder, requested: int | None) -> int:
+def chunk_size_for(encoder: Encoder, requested: int | None) -> int:
     """The chunk size asked for, else 256 tokens or what fits the model with its prompt."""
     return requested if requested is not None else min(256, encoder.max_length - 16)
 
 
-def load_chat_encoder(model: str | None):
+def load_chat_encoder(model: str | None) -> PEGEncoder:
     """The embedding model, found as ``peg-rag demo`` finds it (fallback included)."""
-    from .demo import cache_dir, resolve_model
-    from .encoder import PEGEncoder
-    from .kb_model import Recipe
-
     name, how = resolve_model(model, cache=cache_dir(), recipe=Recipe(), out=print)
     print(f"Embedding model: {name} ({how})")
     return PEGEncoder.from_pretrained(name)
 
 
-def read_inputs(paths: Sequence[Path]) -> list:
+def read_inputs(paths: Sequence[Path]) -> list[Document]:
     """HybridRetriever documents from files and folders (as ``peg-rag index`` reads them),
     or the bundled sample knowledge base when no path is given."""
-    from .commands.index import find_files, read_documents, source_name
-    from .sample_data import kb_documents
-
     if not paths:
         return kb_documents()
-    documents = [doc for f in find_files(list(paths)) for doc in read_documents(f, source_name(f))]
+    documents = read_files(list(paths))
     if not documents:
         raise ValueError(f"no .txt, .md or .jsonl documents in {', '.join(map(str, paths))}")
     return documents

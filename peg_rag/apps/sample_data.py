@@ -14,7 +14,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .jsonl import DataError, Where, read_jsonl, text_field, text_list_field
+from peg_rag.core.documents import Document, read_documents
+from peg_rag.core.records import DataError, FileLine, read_jsonl, text_field, text_list_field
 
 DATA_PACKAGE = "peg_rag.data"
 KB_FILE = "sample_kb.jsonl"
@@ -46,7 +47,7 @@ def data_path(name: str) -> Path:
     return Path(str(resources.files(DATA_PACKAGE).joinpath(name)))
 
 
-def _passage(record: dict[str, Any], where: Where) -> Passage:
+def _passage(record: dict[str, Any], where: FileLine) -> Passage:
     metadata = record.get("metadata", {})
     if not isinstance(metadata, dict):
         raise DataError(where, f"expected an object, got {type(metadata).__name__}", "metadata")
@@ -58,7 +59,7 @@ def _passage(record: dict[str, Any], where: Where) -> Passage:
     )
 
 
-def _question(record: dict[str, Any], where: Where) -> Question:
+def _question(record: dict[str, Any], where: FileLine) -> Question:
     return Question(
         id=text_field(record, "id", where),
         text=text_field(record, "text", where),
@@ -72,11 +73,9 @@ def load_sample_kb(path: str | Path | None = None) -> list[Passage]:
     return list(read_jsonl(path or data_path(KB_FILE), _passage))
 
 
-def kb_documents() -> list:
+def kb_documents() -> list[Document]:
     """The bundled passages as HybridRetriever documents, read exactly as ``peg-rag index``
     reads JSONL: the title joined to the text, ``title`` and ``domain`` in the metadata."""
-    from .commands.index import read_documents
-
     return read_documents(data_path(KB_FILE), KB_FILE)
 
 

@@ -3,36 +3,53 @@
 from __future__ import annotations
 
 import argparse
-import os
-from pathlib import Path
+
+from peg_rag import core
+from peg_rag.core.deprecation import renamed
+from peg_rag.core.encoding import DEFAULT_BATCH_SIZE, DTYPES
+from peg_rag.core.model_files import POOLING_MODES
+
+
+def add_runtime_arguments(group: argparse._ArgumentGroup, what: str = "texts") -> None:
+    """Where and how fast the encoder runs: --device, --dtype, --quantize, --batch-size."""
+    group.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best available)")
+    group.add_argument("--dtype", choices=DTYPES)
+    group.add_argument("--quantize", choices=["int8"], help="dynamic int8 Linear layers (CPU)")
+    group.add_argument(
+        "--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help=f"{what} per forward pass"
+    )
 
 
 def add_encoder_arguments(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
     """--model and the PEGEncoder options every encoding command takes."""
     group = parser.add_argument_group("encoder")
     group.add_argument("--model", required=required, help="hub id or local model directory")
-    group.add_argument("--pooling", choices=["cls", "mean"], help="default: model files, else cls")
-    group.add_argument("--query-instruction", help="query prefix (default: the model's prompt)")
-    group.add_argument("--passage-instruction", help="passage prefix (default: model's prompt)")
+    group.add_argument("--pooling", choices=POOLING_MODES, help="default: model files, else cls")
+    group.add_argument("--query-prompt", help="query prefix (default: the model's prompt)")
+    group.add_argument("--passage-prompt", help="passage prefix (default: the model's prompt)")
+    for old in ("--query-instruction", "--passage-instruction"):  # deprecated names
+        group.add_argument(old, help=argparse.SUPPRESS)
     group.add_argument("--max-length", type=int, help="max tokens per text (default: model's)")
-    group.add_argument("--batch-size", type=int, default=32, help="texts per forward pass")
-    group.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best available)")
-    group.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    group.add_argument("--quantize", choices=["int8"], help="dynamic int8 Linear layers (CPU)")
+    add_runtime_arguments(group)
     group.add_argument(
         "--trust-remote-code", action="store_true", help="run code shipped with the model"
     )
 
 
-def load_encoder(args: argparse.Namespace, model: str | None = None):
+def load_encoder(args: argparse.Namespace, model: str | None = None) -> core.PEGEncoder:
     """Build a PEGEncoder from the arguments of add_encoder_arguments."""
-    from peg_rag.encoder import PEGEncoder
-
-    return PEGEncoder.from_pretrained(
+    return core.PEGEncoder.from_pretrained(
         model or args.model,
         pooling=args.pooling,
-        query_instruction=args.query_instruction,
-        passage_instruction=args.passage_instruction,
+        query_prompt=renamed(
+            "--query-instruction", "--query-prompt", args.query_instruction, args.query_prompt
+        ),
+        passage_prompt=renamed(
+            "--passage-instruction",
+            "--passage-prompt",
+            args.passage_instruction,
+            args.passage_prompt,
+        ),
         max_length=args.max_length,
         device=args.device,
         dtype=args.dtype,
@@ -41,9 +58,3 @@ def load_encoder(args: argparse.Namespace, model: str | None = None):
         quantize=args.quantize,
         show_progress_bar=True,
     )
-
-
-def atomic_path(target: Path) -> Path:
-    """A temporary sibling of ``target``; os.replace it onto target once fully written."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return target.with_name(f".{target.name}.tmp-{os.getpid()}")

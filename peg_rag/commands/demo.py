@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from peg_rag import apps, core
+
 from .common import add_encoder_arguments, load_encoder
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo",
         help="hybrid retrieval over the bundled Chinese knowledge base, offline",
@@ -33,20 +35,15 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from transformers.utils import logging as transformers_logging
-
-    from peg_rag.demo import run_demo
-
     if args.k < 1:
         raise ValueError(f"-k must be >= 1, got {args.k}")
-    transformers_logging.disable_progress_bar()  # no weight-loading bars between answers
 
-    def encoder(name: str):
+    def encoder(name: str) -> core.PEGEncoder:
         loaded = load_encoder(args, model=name)
         loaded.show_progress_bar = False  # indexing shows its own bar; queries need none
         return loaded
 
-    run_demo(
+    apps.run_demo(
         args.model,
         load_encoder=encoder,
         quick=args.quick,

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
-from .common import add_encoder_arguments, atomic_path, load_encoder
+import numpy as np
+
+from peg_rag.core.files import atomic_writer
+from peg_rag.core.records import read_jsonl, text_field
+
+from .common import add_encoder_arguments, load_encoder
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "encode",
         help="embed a JSONL file's texts into OUT.npy",
@@ -25,15 +29,9 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from peg_rag.jsonl import read_jsonl, text_field
-
     texts = list(read_jsonl(args.input, lambda record, at: text_field(record, args.field, at)))
     vectors = load_encoder(args).encode(texts, args.kind)
-    tmp = atomic_path(args.output)
-    with tmp.open("wb") as handle:  # a handle keeps np.save from appending ".npy"
+    with atomic_writer(args.output, "wb") as handle:  # a handle: np.save adds no ".npy"
         np.save(handle, vectors)
-    os.replace(tmp, args.output)
     print(f"wrote {vectors.shape[0]} x {vectors.shape[1]} vectors to {args.output}")
     return 0

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
-from .common import add_encoder_arguments, atomic_path, load_encoder
+from peg_rag import retrieval
+from peg_rag.core.files import write_text
+from peg_rag.retrieval.settings import METHODS
+
+from .common import add_encoder_arguments, load_encoder
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "eval",
         help="evaluate a model on BEIR folders and sentence-pair files",
@@ -24,7 +27,7 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--methods",
         nargs="+",
-        choices=["dense", "bm25", "hybrid"],
+        choices=METHODS,
         default=["dense"],
         help="dense: exact search over the model's vectors; bm25 and hybrid: a HybridRetriever "
         "(jieba BM25, and its fusion with the dense store) over the whole documents",
@@ -35,22 +38,14 @@ def register(subparsers) -> None:
     parser.set_defaults(run=run)
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = atomic_path(path)
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def run(args: argparse.Namespace) -> int:
-    from peg_rag.trainer.evaluate import evaluate_sets, load_sets, markdown_table
-
-    sets = load_sets(args.paths)  # bad input fails before the model loads
-    results = evaluate_sets(load_encoder(args), sets, args.methods)
-    table = markdown_table(results)
+    sets = retrieval.load_sets(args.paths)  # bad input fails before the model loads
+    results = retrieval.evaluate_sets(load_encoder(args), sets, args.methods)
+    table = retrieval.markdown_table(results)
     if args.output:
         report = {"model": args.model, "scale": "fraction", "results": results}
-        _write(args.output, json.dumps(report, ensure_ascii=False, indent=2) + "\n")
+        write_text(args.output, json.dumps(report, ensure_ascii=False, indent=2) + "\n")
     if args.markdown:
-        _write(args.markdown, table)
+        write_text(args.markdown, table)
     print(table, end="")
     return 0

@@ -5,10 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from peg_rag import trainer
+from peg_rag.trainer.mine_options import MiningOptions
+
 from .common import add_encoder_arguments, load_encoder
 
+DEFAULTS = MiningOptions()
 
-def register(subparsers) -> None:
+
+def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "mine",
         help="mine hard negatives into a training JSONL",
@@ -29,24 +34,28 @@ def register(subparsers) -> None:
         help="candidate pool: JSONL files with 'text' (and optional 'title') or BEIR folders "
         "(default: the input's own positive and negative texts)",
     )
-    parser.add_argument("--negatives", type=int, default=5, help="negatives per line")
-    parser.add_argument("--range-min", type=int, default=10, help="first rank sampled")
-    parser.add_argument("--range-max", type=int, default=100, help="rank after the last one")
+    parser.add_argument(
+        "--negatives", type=int, default=DEFAULTS.negatives, help="negatives per line"
+    )
+    parser.add_argument(
+        "--range-min", type=int, default=DEFAULTS.range_min, help="first rank sampled"
+    )
+    parser.add_argument(
+        "--range-max", type=int, default=DEFAULTS.range_max, help="rank after the last one"
+    )
     parser.add_argument(
         "--max-score-ratio",
         type=float,
-        default=0.95,
+        default=DEFAULTS.max_score_ratio,
         help="skip candidates scoring above this times the positive's score",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=DEFAULTS.seed)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
     add_encoder_arguments(parser)
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from peg_rag.trainer.mine import MiningOptions, check_output, mine_file
-
     options = MiningOptions(
         negatives=args.negatives,
         range_min=args.range_min,
@@ -54,8 +63,10 @@ def run(args: argparse.Namespace) -> int:
         max_score_ratio=args.max_score_ratio,
         seed=args.seed,
     )
-    check_output(args.input, args.output, overwrite=args.overwrite)  # before the model loads
-    stats = mine_file(
+    trainer.check_output(
+        args.input, args.output, overwrite=args.overwrite
+    )  # before the model loads
+    stats = trainer.mine_file(
         load_encoder(args),
         args.input,
         args.output,

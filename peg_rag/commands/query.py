@@ -8,8 +8,14 @@ import sys
 import textwrap
 from pathlib import Path
 
+from peg_rag import retrieval
+from peg_rag.core.records import DataError, FileLine, read_jsonl, text_field
+from peg_rag.retrieval.settings import FUSIONS, METHODS
 
-def register(subparsers) -> None:
+from .common import add_runtime_arguments
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "query",
         help="search a hybrid index",
@@ -26,27 +32,21 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--output", type=Path, help="write --queries results here (default stdout)")
     parser.add_argument(
-        "--method", choices=["hybrid", "dense", "bm25"], default="hybrid", help="default hybrid"
+        "--method", choices=METHODS, default=METHODS[0], help=f"default {METHODS[0]}"
     )
-    parser.add_argument("--fusion", choices=["relative", "rrf"], help="default: the index's")
+    parser.add_argument("--fusion", choices=FUSIONS, help="default: the index's")
     parser.add_argument(
         "--filter",
         type=json.loads,
         metavar="JSON",
         help='metadata filter, e.g. \'{"source": "a.md"}\'',
     )
-    runtime = parser.add_argument_group("encoder runtime")
-    runtime.add_argument("--device", help="cpu, cuda, mps (default: best available)")
-    runtime.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    runtime.add_argument("--quantize", choices=["int8"], help="dynamic int8 Linear layers (CPU)")
-    runtime.add_argument("--batch-size", type=int, default=32, help="queries per forward pass")
+    add_runtime_arguments(parser.add_argument_group("encoder runtime"), "queries")
     parser.set_defaults(run=run)
 
 
 def _read_queries(path: Path) -> list[tuple[str, str]]:
-    from peg_rag.jsonl import DataError, read_jsonl, text_field
-
-    def parse(record, where):
+    def parse(record: dict, where: FileLine) -> tuple[str, str]:
         query_id = record.get("id", record.get("_id"))
         if query_id is None or str(query_id) == "":
             raise DataError(where, "missing", "id")
@@ -55,7 +55,7 @@ def _read_queries(path: Path) -> list[tuple[str, str]]:
     return list(read_jsonl(path, parse))
 
 
-def _print_text(query: str, results) -> None:
+def _print_text(query: str, results: list[retrieval.RetrievalResult]) -> None:
     print(f"query: {query}")
     if not results:
         print("  (no results)")
@@ -72,14 +72,12 @@ def _print_text(query: str, results) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from peg_rag.hybrid import HybridRetriever
-
     if (args.query is None) == (args.queries is None):
         raise ValueError("give either a query or --queries FILE.jsonl")
     if args.k < 1:
         raise ValueError(f"-k must be >= 1, got {args.k}")
     pairs = _read_queries(args.queries) if args.queries else [("", args.query)]
-    retriever = HybridRetriever.load(
+    retriever = retrieval.HybridRetriever.load(
         args.index_dir,
         device=args.device,
         dtype=args.dtype,

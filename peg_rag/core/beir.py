@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from peg_rag.jsonl import DataError, Where, read_jsonl, text_field
+from .records import DataError, FileLine, read_jsonl, text_field
 
 
 @dataclass
@@ -45,7 +45,7 @@ def read_qrels(path: Path) -> dict[str, dict[str, int]]:
             fields = line.rstrip("\n").split("\t")
             if number == 1 and fields[0] == "query-id" or not line.strip():
                 continue
-            where = Where(path, number)
+            where = FileLine(path, number)
             if len(fields) != 3:
                 raise DataError(where, f"expected 3 tab-separated fields, got {len(fields)}")
             try:
@@ -81,7 +81,7 @@ def load_pairs(path: str | Path) -> tuple[list[str], list[str], list[float]]:
             if number == 1 or not line.strip():
                 continue
             fields = line.rstrip("\n").split("\t")
-            where = Where(path, number)
+            where = FileLine(path, number)
             if len(fields) != 3:
                 raise DataError(where, f"expected 3 tab-separated fields, got {len(fields)}")
             if not fields[0].strip() or not fields[1].strip():

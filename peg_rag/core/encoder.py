@@ -7,25 +7,26 @@ import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel
 
+from .deprecation import renamed, warn_renamed
+from .encoding import DEFAULT_BATCH_SIZE, DTYPES, Kind, check_texts
 from .model_files import (
     POOLING_MODES,
     STSettings,
+    model_name,
     read_st_settings,
     resolve_model_dir,
     write_st_settings,
 )
 
 logger = logging.getLogger("peg_rag")
-
-Kind = Literal["query", "passage"]
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = dict(zip(DTYPES, (torch.float32, torch.bfloat16, torch.float16), strict=True))
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch.Tensor:
@@ -34,17 +35,6 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch
         return hidden[:, 0]
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-
-
-def check_texts(texts: Sequence[str]) -> None:
-    """Reject anything that is not a non-empty string, naming its index."""
-    if isinstance(texts, str):
-        raise TypeError("texts must be a list of strings, not a single string; wrap it in a list")
-    for i, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise TypeError(f"texts[{i}] is {type(text).__name__}, expected a non-empty str")
-        if not text.strip():
-            raise ValueError(f"texts[{i}] is empty or whitespace-only: {text!r}")
 
 
 def _default_device() -> torch.device:
@@ -86,12 +76,16 @@ class PEGEncoder:
         *,
         pooling: str = "cls",
         normalize: bool = True,
-        query_instruction: str | None = None,
-        passage_instruction: str | None = None,
+        query_prompt: str | None = None,
+        passage_prompt: str | None = None,
         max_length: int = 512,
-        batch_size: int = 32,
+        batch_size: int = DEFAULT_BATCH_SIZE,
         show_progress_bar: bool = False,
         quantized: bool = False,
+        name_or_path: str = "",
+        load_options: dict[str, Any] | None = None,
+        query_instruction: str | None = None,
+        passage_instruction: str | None = None,
     ) -> None:
         if pooling not in POOLING_MODES:
             raise ValueError(f"pooling must be one of {POOLING_MODES}, got {pooling!r}")
@@ -103,12 +97,18 @@ class PEGEncoder:
         self.tokenizer = tokenizer
         self.pooling = pooling
         self.normalize = normalize
-        self.query_instruction = query_instruction
-        self.passage_instruction = passage_instruction
+        self.query_prompt = renamed(
+            "query_instruction", "query_prompt", query_instruction, query_prompt
+        )
+        self.passage_prompt = renamed(
+            "passage_instruction", "passage_prompt", passage_instruction, passage_prompt
+        )
         self.max_length = max_length
         self.batch_size = batch_size
         self.show_progress_bar = show_progress_bar
         self.quantized = quantized
+        self.name_or_path = name_or_path
+        self.load_options = dict(load_options or {})
 
     @classmethod
     def from_pretrained(
@@ -117,23 +117,30 @@ class PEGEncoder:
         *,
         pooling: str | None = None,
         normalize: bool | None = None,
-        query_instruction: str | None = None,
-        passage_instruction: str | None = None,
+        query_prompt: str | None = None,
+        passage_prompt: str | None = None,
         max_length: int | None = None,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
-        batch_size: int = 32,
+        batch_size: int = DEFAULT_BATCH_SIZE,
         trust_remote_code: bool = False,
         quantize: Literal["int8"] | None = None,
         show_progress_bar: bool = False,
+        query_instruction: str | None = None,
+        passage_instruction: str | None = None,
     ) -> PEGEncoder:
         """Load a model from a hub id (``TownsWu/PEG``) or a local directory.
 
         Explicit arguments win over the sentence-transformers files; ``normalize=None``
         means "as the files say, else True". ``dtype`` defaults to bf16 (fp16 without bf16
         support) on GPU and fp32 elsewhere. ``quantize="int8"`` applies dynamic int8
-        quantization to the Linear layers, on CPU only.
+        quantization to the Linear layers, on CPU only. ``query_instruction`` and
+        ``passage_instruction`` are deprecated names of the prompts.
         """
+        query_prompt = renamed("query_instruction", "query_prompt", query_instruction, query_prompt)
+        passage_prompt = renamed(
+            "passage_instruction", "passage_prompt", passage_instruction, passage_prompt
+        )
         model_dir = resolve_model_dir(name_or_path)
         found = read_st_settings(model_dir)
         torch_device = torch.device(device) if device is not None else _default_device()
@@ -168,16 +175,19 @@ class PEGEncoder:
             tokenizer,
             pooling=pooling or found.pooling or "cls",
             normalize=normalize if normalize is not None else found.normalize is not False,
-            query_instruction=(
-                query_instruction if query_instruction is not None else found.query_prompt
-            ),
-            passage_instruction=(
-                passage_instruction if passage_instruction is not None else found.passage_prompt
-            ),
+            query_prompt=query_prompt if query_prompt is not None else found.query_prompt,
+            passage_prompt=passage_prompt if passage_prompt is not None else found.passage_prompt,
             max_length=length,
             batch_size=batch_size,
             show_progress_bar=show_progress_bar,
             quantized=quantize is not None,
+            name_or_path=model_name(name_or_path),
+            load_options={
+                "device": str(torch_device),
+                "dtype": str(torch_dtype).removeprefix("torch."),
+                "quantize": quantize,
+                "trust_remote_code": trust_remote_code,
+            },
         )
 
     @property
@@ -189,15 +199,30 @@ class PEGEncoder:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def instruction(self, kind: Kind | None) -> str:
+    def prompt(self, kind: Kind | None) -> str:
         """The prefix added to texts of this kind ('' for None)."""
         if kind is None:
             return ""
         if kind == "query":
-            return self.query_instruction or ""
+            return self.query_prompt or ""
         if kind == "passage":
-            return self.passage_instruction or ""
+            return self.passage_prompt or ""
         raise ValueError(f"kind must be 'query', 'passage' or None, got {kind!r}")
+
+    # Deprecated names (peg-rag 0.1) of the prompts.
+    @property
+    def query_instruction(self) -> str | None:
+        warn_renamed("query_instruction", "query_prompt")
+        return self.query_prompt
+
+    @property
+    def passage_instruction(self) -> str | None:
+        warn_renamed("passage_instruction", "passage_prompt")
+        return self.passage_prompt
+
+    def instruction(self, kind: Kind | None) -> str:
+        warn_renamed("instruction", "prompt")
+        return self.prompt(kind)
 
     def tokenize(
         self, texts: Sequence[str], kind: Kind | None = None
@@ -209,7 +234,7 @@ class PEGEncoder:
         check_texts(texts)
         if not texts:
             return [], 0
-        prefix = self.instruction(kind)
+        prefix = self.prompt(kind)
         prefixed = [prefix + t for t in texts] if prefix else list(texts)
         # One extra token tells which texts are too long; only those are re-tokenized.
         ids = self.tokenizer(prefixed, truncation=True, max_length=self.max_length + 1)["input_ids"]
@@ -252,7 +277,7 @@ class PEGEncoder:
     ) -> np.ndarray:
         """Encode texts into a float32 array of shape (len(texts), dim).
 
-        ``kind`` picks the instruction prefix: "query", "passage", or None for none.
+        ``kind`` picks the prompt: "query", "passage", or None for none.
         Texts longer than max_length tokens are truncated, and each call that truncates
         logs one warning with the count.
         """
@@ -285,19 +310,19 @@ class PEGEncoder:
         return out
 
     def encode_queries(self, texts: Sequence[str], **kwargs) -> np.ndarray:
-        """Encode search queries (with the query instruction)."""
+        """Encode search queries (with the query prompt)."""
         return self.encode(texts, "query", **kwargs)
 
     def encode_passages(self, texts: Sequence[str], **kwargs) -> np.ndarray:
-        """Encode passages/documents (with the passage instruction)."""
+        """Encode passages/documents (with the passage prompt)."""
         return self.encode(texts, "passage", **kwargs)
 
     def settings(self) -> STSettings:
         return STSettings(
             pooling=self.pooling,
             normalize=self.normalize,
-            query_prompt=self.query_instruction,
-            passage_prompt=self.passage_instruction,
+            query_prompt=self.query_prompt,
+            passage_prompt=self.passage_prompt,
             max_length=self.max_length,
         )
 

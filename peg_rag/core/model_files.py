@@ -7,12 +7,11 @@ either library loads the same way in the other.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .json_files import read_json
+from .files import read_json, write_json
 
 POOLING_MODES = ("cls", "mean")
 
@@ -61,6 +60,13 @@ def resolve_model_dir(name_or_path: str | os.PathLike[str]) -> Path:
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'})"
         ) from exc
     return local
+
+
+def model_name(name_or_path: str | os.PathLike[str]) -> str:
+    """How to name a model so that it loads again: a local directory's absolute path, else
+    the hub id as given."""
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.is_dir() else str(name_or_path)
 
 
 def read_st_settings(model_dir: Path) -> STSettings:
@@ -144,4 +150,4 @@ def write_st_settings(model_dir: Path, dim: int, settings: STSettings) -> None:
         },
     }
     for path, content in files.items():
-        path.write_text(json.dumps(content, indent=2, ensure_ascii=False), encoding="utf-8")
+        write_json(path, content, indent=2)

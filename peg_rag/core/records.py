@@ -1,4 +1,4 @@
-"""Line-by-line JSONL reading with errors that name the file, line and field."""
+"""JSONL records, read line by line, with errors that name the file, line and field."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ T = TypeVar("T")
 
 
 @dataclass(frozen=True)
-class Where:
+class FileLine:
     """A line of a file, for error messages."""
 
     path: Path
@@ -27,7 +27,7 @@ class Where:
 class DataError(ValueError):
     """A bad input line: names the file, the line number and (when known) the field."""
 
-    def __init__(self, where: Where, message: str, field_name: str | None = None) -> None:
+    def __init__(self, where: FileLine, message: str, field_name: str | None = None) -> None:
         self.where = where
         self.field_name = field_name
         prefix = f"{where}: field {field_name!r}: " if field_name else f"{where}: "
@@ -51,7 +51,7 @@ class Skipped:
             logger.warning("skipped %d bad lines, e.g. %s", self.count, "; ".join(self.examples))
 
 
-def text_field(record: dict[str, Any], name: str, where: Where) -> str:
+def text_field(record: dict[str, Any], name: str, where: FileLine) -> str:
     """A required non-empty string field."""
     value = record.get(name)
     if value is None:
@@ -64,7 +64,7 @@ def text_field(record: dict[str, Any], name: str, where: Where) -> str:
 
 
 def text_list_field(
-    record: dict[str, Any], name: str, where: Where, *, min_items: int = 0
+    record: dict[str, Any], name: str, where: FileLine, *, min_items: int = 0
 ) -> list[str]:
     """A list of non-empty strings; a missing field counts as an empty list."""
     value = record.get(name, [])
@@ -78,7 +78,7 @@ def text_list_field(
     return value
 
 
-def decode_line(line: str | bytes, where: Where) -> dict[str, Any]:
+def decode_line(line: str | bytes, where: FileLine) -> dict[str, Any]:
     """Parse one JSONL line into a dict, or raise DataError naming where it is."""
     try:
         record = json.loads(line)
@@ -93,7 +93,7 @@ def decode_line(line: str | bytes, where: Where) -> dict[str, Any]:
 
 def read_jsonl(
     path: str | Path,
-    parse: Callable[[dict[str, Any], Where], T],
+    parse: Callable[[dict[str, Any], FileLine], T],
     *,
     skipped: Skipped | None = None,
 ) -> Iterator[T]:
@@ -107,7 +107,7 @@ def read_jsonl(
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
-            where = Where(path, number)
+            where = FileLine(path, number)
             try:
                 yield parse(decode_line(line, where), where)
             except DataError as error:

@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from .json_files import read_json, write_json
-from .text import normalize_width
+from peg_rag.core.files import read_json, write_json
+from peg_rag.core.text import normalize_width
 
 logger = logging.getLogger("peg_rag")
 

@@ -1,18 +1,28 @@
-"""Evaluate an encoder on BEIR-layout retrieval folders and sentence-pair files.
+"""Evaluate retrieval on BEIR-layout folders and an encoder on sentence-pair files.
 
-All scores are fractions in [0, 1], as trainer.metrics computes them; only the Markdown
-table of ``peg-rag eval`` multiplies by 100, the way C-MTEB reports.
+Dense retrieval is an exact search over the encoder's vectors; BM25 and hybrid runs come from
+a HybridRetriever over the whole documents (``chunk_size=0``, as BEIR scores whole
+documents, so chunk ids and document ids coincide). All scores are fractions in [0, 1], as
+:mod:`peg_rag.core.metrics` computes them; only the Markdown table of ``peg-rag eval``
+multiplies by 100, the way C-MTEB reports.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from .beir import RetrievalSet, load_beir, load_pairs
-from .metrics import retrieval_scores, spearman
+from peg_rag.core.beir import RetrievalSet, load_beir, load_pairs
+from peg_rag.core.documents import Document
+from peg_rag.core.encoding import Encoder
+from peg_rag.core.metrics import retrieval_scores, spearman
+
+from .hybrid import HybridRetriever
+from .settings import METHODS, Method
 from .topk import top_k
 
 RANK_DEPTH = 100  # Recall@100 needs the top 100
@@ -40,7 +50,9 @@ def judged_queries(data: RetrievalSet) -> dict[str, str]:
     return {q: data.queries[q] for q in judged}
 
 
-def dense_run(encoder, data: RetrievalSet, depth: int = RANK_DEPTH) -> dict[str, list[str]]:
+def dense_run(
+    encoder: Encoder, data: RetrievalSet, depth: int = RANK_DEPTH
+) -> dict[str, list[str]]:
     """Rank the corpus for each judged query by embedding similarity: query id -> doc ids."""
     queries = judged_queries(data)
     doc_ids = list(data.corpus)
@@ -54,24 +66,63 @@ Pairs = tuple[list[str], list[str], list[float]]  # as load_pairs returns them
 EvalSet = RetrievalSet | Pairs
 Results = dict[str, dict[str, dict[str, float]]]  # set name -> method -> metric -> score
 
-METHODS = ("dense", "bm25", "hybrid")
+
+def index_corpus(
+    corpus: Mapping[str, str],
+    encoder: Encoder,
+    *,
+    index_dir: str | os.PathLike[str] | None = None,
+    show_progress: bool = False,
+    **settings: Any,
+) -> HybridRetriever:
+    """A hybrid index of ``{doc_id: text}``, in memory unless ``index_dir`` is given.
+
+    ``settings`` are HybridSettings fields (fusion, weights, candidates...); chunking is off.
+    """
+    retriever = HybridRetriever.create(index_dir, encoder, **{**settings, "chunk_size": 0})
+    retriever.add(
+        [Document(doc_id, text) for doc_id, text in corpus.items()], show_progress=show_progress
+    )
+    return retriever
+
+
+def run_queries(
+    retriever: HybridRetriever,
+    queries: Mapping[str, str],
+    *,
+    k: int = 100,
+    methods: Sequence[Method] = ("bm25", "dense", "hybrid"),
+    **options: Any,
+) -> dict[str, dict[str, list[str]]]:
+    """``{method: {query_id: [doc_id, ...]}}`` ranked best first, at most k per query.
+
+    ``options`` go to :meth:`HybridRetriever.retrieve_many` (fusion, weights, candidates).
+    A document with several chunks appears once, at its best chunk's rank.
+    """
+    ids, texts = list(queries), list(queries.values())
+    runs: dict[str, dict[str, list[str]]] = {}
+    for method in methods:
+        results = retriever.retrieve_many(texts, k, method=method, **options)
+        runs[method] = {
+            query_id: list(dict.fromkeys(r.doc_id for r in found))
+            for query_id, found in zip(ids, results, strict=True)
+        }
+    return runs
 
 
 def hybrid_runs(
-    encoder, data: RetrievalSet, methods: Sequence[str], depth: int = RANK_DEPTH
+    encoder: Encoder, data: RetrievalSet, methods: Sequence[str], depth: int = RANK_DEPTH
 ) -> dict[str, dict[str, list[str]]]:
     """Runs of "bm25" and/or "hybrid" from a HybridRetriever over the whole documents.
 
     Its defaults apply (jieba BM25, relative-score fusion of BM25 with the dense store);
     the dense half searches the store's HNSW index, while ``dense_run`` is exact.
     """
-    from peg_rag.hybrid_eval import index_corpus, run_queries
-
     retriever = index_corpus(data.corpus, encoder)
     return run_queries(retriever, judged_queries(data), k=depth, methods=methods)
 
 
-def pair_spearman(encoder, pairs: Pairs) -> float:
+def pair_spearman(encoder: Encoder, pairs: Pairs) -> float:
     """Spearman correlation between gold scores and the cosine of each pair's embeddings.
 
     Both sides are encoded as queries: a symmetric task, as E5-style models expect.
@@ -96,7 +147,7 @@ def load_set(path: str | Path) -> EvalSet:
 
 
 def score_set(
-    encoder, data: EvalSet, methods: Sequence[str] = ("dense",)
+    encoder: Encoder, data: EvalSet, methods: Sequence[str] = ("dense",)
 ) -> dict[str, dict[str, float]]:
     """Metrics of each method on one evaluation set: method -> metric -> fraction.
 
@@ -116,7 +167,7 @@ def score_set(
     return {m: retrieval_scores(runs[m], data.qrels) for m in methods}
 
 
-def evaluate_folder(encoder, folder: str | Path) -> dict[str, float]:
+def evaluate_folder(encoder: Encoder, folder: str | Path) -> dict[str, float]:
     """Dense metrics of ``encoder`` on one evaluation set, as fractions in [0, 1].
 
     A BEIR folder gives ``ndcg@10``, ``mrr@10``, ``recall@10`` and ``recall@100``; a folder
@@ -145,7 +196,7 @@ def load_sets(paths: Sequence[str | Path]) -> dict[str, EvalSet]:
     return sets
 
 
-def evaluate_sets(encoder, sets: dict[str, EvalSet], methods: Sequence[str]) -> Results:
+def evaluate_sets(encoder: Encoder, sets: dict[str, EvalSet], methods: Sequence[str]) -> Results:
     """score_set for each named set."""
     return {name: score_set(encoder, data, methods) for name, data in sets.items()}
 

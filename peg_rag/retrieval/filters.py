@@ -38,7 +38,7 @@ def _same(a: Any, b: Any) -> bool:
     return isinstance(a, bool) == isinstance(b, bool) and a == b
 
 
-def validate(where: Where) -> None:
+def validate_filter(where: Where) -> None:
     """Raise ValueError naming the first unsupported part of a filter."""
     if not isinstance(where, Mapping) or not where:
         raise ValueError(f"a filter must be a non-empty dict, got {where!r}")
@@ -47,7 +47,7 @@ def validate(where: Where) -> None:
             if not isinstance(value, Sequence) or isinstance(value, str) or len(value) < 2:
                 raise ValueError(f"{key} takes a list of at least two filters, got {value!r}")
             for clause in value:
-                validate(clause)
+                validate_filter(clause)
         elif key.startswith("$"):
             raise ValueError(f"unsupported filter operator {key!r} at the top level")
         elif isinstance(value, Mapping):
@@ -121,7 +121,7 @@ def matches(where: Where, metadata: Metadata) -> bool:
 
 def mask(where: Where, metadatas: Sequence[Metadata]) -> np.ndarray:
     """A float32 0/1 vector: 1 where the metadata passes the filter."""
-    validate(where)
+    validate_filter(where)
     return np.fromiter(
         (matches(where, m) for m in metadatas), dtype=np.float32, count=len(metadatas)
     )
@@ -138,5 +138,5 @@ def to_chroma(where: Where) -> dict[str, Any]:
         ]
         return clauses[0] if len(clauses) == 1 else {"$and": clauses}
 
-    validate(where)
+    validate_filter(where)
     return convert(where)

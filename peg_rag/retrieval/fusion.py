@@ -19,7 +19,8 @@ from collections.abc import Mapping, Sequence
 ScoredList = Sequence[tuple[str, float]]
 
 
-def _check_weights(n: int, weights: Sequence[float] | None) -> list[float]:
+def check_weights(n: int, weights: Sequence[float] | None) -> list[float]:
+    """``n`` weights >= 0 as floats (all 1.0 when None)."""
     if weights is None:
         return [1.0] * n
     if len(weights) != n:
@@ -45,7 +46,7 @@ def reciprocal_rank(
     rankings: Sequence[Sequence[str]], weights: Sequence[float] | None = None, k: int = 60
 ) -> list[tuple[str, float]]:
     """Weighted RRF of ranked id lists (best first); returns (id, score) best first."""
-    w = _check_weights(len(rankings), weights)
+    w = check_weights(len(rankings), weights)
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
     fused: dict[str, float] = {}
@@ -69,7 +70,7 @@ def relative_score(
     scored: Sequence[ScoredList], weights: Sequence[float] | None = None
 ) -> list[tuple[str, float]]:
     """Weighted sum of min-max normalized scores; each list is (id, score) best first."""
-    w = _check_weights(len(scored), weights)
+    w = check_weights(len(scored), weights)
     fused: dict[str, float] = {}
     for weight, pairs in zip(w, scored, strict=True):
         for (item, _), norm in zip(pairs, min_max([s for _, s in pairs]), strict=True):

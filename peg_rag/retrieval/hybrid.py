@@ -1,17 +1,8 @@
 """HybridRetriever: Chinese BM25 and dense vectors over the same chunks, fused, in one directory.
 
-Layout of an index directory::
-
-    hybrid.json        encoder settings and model, chunking, BM25 and fusion defaults, store
-    CURRENT            name of the committed state directory
-    state-000042/      chunks.jsonl, docs.json and bm25/ of that commit
-    chroma/            the embedded Chroma database (when the store is embedded Chroma)
-
-Consistency between the two indexes. The committed state (BM25 + chunk table) is the source
-of truth, and it is replaced atomically: a new ``state-N`` directory is written in full and
-then ``CURRENT`` is switched to it with ``os.replace``. The vector store is written around
-that switch so that, whatever point a crash interrupts, the store holds a *superset* of
-the committed chunks:
+The directory layout and the atomic commit of a state are in :mod:`.index_files`. The vector
+store is written around each commit so that, whatever point a crash interrupts, the store
+holds a *superset* of the committed chunks:
 
 - add: vectors are upserted into the store first, then the state is committed;
 - delete: the state without the chunks is committed first, then they leave the store;
@@ -32,46 +23,49 @@ import logging
 import os
 import shutil
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
+from peg_rag.core.documents import Document, as_document
+from peg_rag.core.encoder import PEGEncoder
+from peg_rag.core.encoding import Encoder
+
 from . import filters as where_filters
 from .bm25 import BM25Index, ChineseTokenizer
+from .chunker import Chunker
 from .fusion import reciprocal_rank, relative_score
-from .json_files import read_json, write_json
+from .index_files import (
+    FORMAT_VERSION,
+    STORE_DIR,
+    InconsistentIndexError,
+    StoredChunk,
+    check_encoder,
+    commit_state,
+    current_state,
+    encoder_record,
+    is_index,
+    probe_vector,
+    read_manifest,
+    read_state,
+    remove_stale_states,
+    write_manifest,
+)
+from .settings import (
+    FUSIONS,
+    METHODS,
+    RETRIEVERS,
+    Fusion,
+    HybridSettings,
+    Method,
+    check_choice,
+    check_weights,
+)
 from .store import ChromaStore, VectorStore, open_store
-from .text import Chunker
 
 logger = logging.getLogger("peg_rag")
-
-FORMAT_VERSION = 1
-CONFIG_FILE = "hybrid.json"
-CURRENT_FILE = "CURRENT"
-STORE_DIR = "chroma"
-RETRIEVERS = ("dense", "bm25")
-# Text whose embedding is saved at creation and compared on load: a different model (or
-# changed model files) behind the same name gives a visibly different vector.
-_PROBE = "检索增强生成 (retrieval-augmented generation) 把检索到的段落交给大模型。"
-_PROBE_MIN_COSINE = 0.95
-
-Method = Literal["hybrid", "dense", "bm25"]
-Fusion = Literal["relative", "rrf"]
-
-
-class InconsistentIndexError(RuntimeError):
-    """The vector store lacks vectors for committed chunks (see the module docstring)."""
-
-
-@dataclass
-class Document:
-    """A source document: ``id`` as given by the user, its text and scalar metadata."""
-
-    id: str
-    text: str
-    metadata: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -101,69 +95,6 @@ class RetrievalResult:
 
 
 @dataclass
-class HybridSettings:
-    """Chunking and retrieval defaults, saved with the index.
-
-    ``chunk_size`` counts encoder tokens (or characters with ``chunk_unit="char"``; 0 keeps
-    documents whole); ``chunk_overlap`` defaults to an eighth of it.
-    ``weights`` are per retriever (``dense``, ``bm25``); ``candidates`` is how many
-    results each retriever contributes to fusion. The defaults (relative-score fusion,
-    dense 0.7 / BM25 0.3, 100 candidates) were chosen once for all data sets; see the
-    "Hybrid retrieval" section of benchmarks/RESULTS.md for the comparison.
-    """
-
-    chunk_size: int = 256
-    chunk_overlap: int | None = None
-    chunk_unit: Literal["token", "char"] = "token"
-    normalize_width: bool = False
-    fusion: Fusion = "relative"
-    weights: dict[str, float] = field(default_factory=lambda: {"dense": 0.7, "bm25": 0.3})
-    rrf_k: int = 60
-    candidates: int = 100
-
-    def __post_init__(self) -> None:
-        if self.chunk_unit not in ("token", "char"):
-            raise ValueError(f"chunk_unit must be 'token' or 'char', got {self.chunk_unit!r}")
-        if self.fusion not in ("relative", "rrf"):
-            raise ValueError(f"fusion must be 'relative' or 'rrf', got {self.fusion!r}")
-        _check_weights(self.weights)
-        if self.chunk_size < 0:
-            raise ValueError(
-                f"chunk_size must be >= 0 (0 keeps documents whole), got {self.chunk_size}"
-            )
-        if self.chunk_overlap is None:
-            self.chunk_overlap = self.chunk_size // 8
-        if self.chunk_size and not 0 <= self.chunk_overlap < self.chunk_size:
-            raise ValueError(
-                f"chunk_overlap must be in [0, chunk_size={self.chunk_size}), "
-                f"got {self.chunk_overlap}"
-            )
-        if self.candidates < 1:
-            raise ValueError(f"candidates must be >= 1, got {self.candidates}")
-
-
-def _check_weights(weights: Mapping[str, float]) -> None:
-    if set(weights) != set(RETRIEVERS) or any(w < 0 for w in weights.values()):
-        raise ValueError(f"weights must give a weight >= 0 for 'dense' and 'bm25', got {weights}")
-
-
-@dataclass
-class _Chunk:
-    """A chunk as stored: its user metadata without the reserved ``doc_id``."""
-
-    id: str
-    doc_id: str
-    text: str
-    start: int
-    end: int
-    metadata: dict[str, Any]
-
-    def filter_view(self) -> dict[str, Any]:
-        """What filters see: the metadata plus ``doc_id``."""
-        return {**self.metadata, "doc_id": self.doc_id}
-
-
-@dataclass
 class AddReport:
     """What :meth:`HybridRetriever.add` did, counted in documents and chunks."""
 
@@ -173,58 +104,12 @@ class AddReport:
     chunks: int = 0
 
 
-def _as_document(item: Document | Mapping[str, Any], position: int) -> Document:
-    if isinstance(item, Document):
-        doc = item
-    elif isinstance(item, Mapping):
-        unknown = set(item) - {"id", "text", "metadata"}
-        if unknown:
-            raise ValueError(f"documents[{position}]: unknown keys {sorted(unknown)}")
-        doc = Document(item.get("id"), item.get("text"), dict(item.get("metadata") or {}))  # type: ignore[arg-type]
-    else:
-        raise TypeError(
-            f"documents[{position}] is {type(item).__name__}, expected Document or dict"
-        )
-    if not isinstance(doc.id, str) or not doc.id:
-        raise ValueError(f"documents[{position}]: id must be a non-empty string, got {doc.id!r}")
-    if not isinstance(doc.text, str) or not doc.text.strip():
-        raise ValueError(f"documents[{position}] (id {doc.id!r}): text must be a non-empty string")
-    if not isinstance(doc.metadata, Mapping):
-        raise ValueError(f"documents[{position}] (id {doc.id!r}): metadata must be a dict")
-    for key, value in doc.metadata.items():
-        if key == "doc_id":
-            raise ValueError(
-                f"documents[{position}] (id {doc.id!r}): metadata key 'doc_id' is reserved"
-            )
-        if not isinstance(key, str) or not isinstance(value, (str, int, float, bool)):
-            raise ValueError(
-                f"documents[{position}] (id {doc.id!r}): metadata {key!r} must map a string "
-                f"to a str, int, float or bool, got {value!r}"
-            )
-    return doc
-
-
 def _content_hash(doc: Document) -> str:
     payload = json.dumps([doc.text, doc.metadata], ensure_ascii=False, sort_keys=True)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
-def _encoder_record(encoder) -> dict[str, Any]:
-    """How to load the same encoder again, and what its vectors look like."""
-    model = getattr(encoder, "name_or_path", None) or encoder.model.config._name_or_path
-    path = Path(model)
-    return {
-        "model": str(path.resolve()) if path.is_dir() else str(model),
-        "pooling": encoder.pooling,
-        "normalize": encoder.normalize,
-        "query_instruction": encoder.query_instruction,
-        "passage_instruction": encoder.passage_instruction,
-        "max_length": encoder.max_length,
-        "dim": encoder.dim,
-    }
-
-
-def _make_chunker(settings: HybridSettings, encoder) -> Chunker:
+def _make_chunker(settings: HybridSettings, encoder: Encoder) -> Chunker:
     """The chunker for these settings; token chunks must fit the encoder with its prompt."""
     by_token = settings.chunk_unit == "token"
     if by_token and settings.chunk_size:
@@ -253,7 +138,7 @@ class HybridRetriever:
     def __init__(
         self,
         *,
-        encoder,
+        encoder: Encoder,
         store: VectorStore,
         bm25: BM25Index,
         settings: HybridSettings,
@@ -266,7 +151,7 @@ class HybridRetriever:
         self.settings = settings
         self.index_dir = index_dir
         self._config = config
-        self._chunks: dict[str, _Chunk] = {}
+        self._chunks: dict[str, StoredChunk] = {}
         self._docs: dict[str, dict[str, Any]] = {}  # doc_id -> {"hash", "chunks"}
         self._generation = 0
         self._views: list[dict[str, Any]] | None = None  # filter views in BM25 row order
@@ -278,7 +163,7 @@ class HybridRetriever:
     def create(
         cls,
         index_dir: str | os.PathLike[str] | None,
-        encoder,
+        encoder: Encoder | str | os.PathLike[str],
         *,
         store: VectorStore | None = None,
         tokenizer: ChineseTokenizer | None = None,
@@ -296,15 +181,13 @@ class HybridRetriever:
         (user dictionary, stopwords...). Other keywords are :class:`HybridSettings`
         fields (chunk_size, chunk_overlap, chunk_unit, fusion, weights, candidates...).
         """
-        from .encoder import PEGEncoder
-
         options = HybridSettings(**settings)
         if isinstance(encoder, (str, os.PathLike)):
             encoder = PEGEncoder.from_pretrained(encoder)
         _make_chunker(options, encoder)  # reject bad chunking before touching the disk
         path = Path(index_dir) if index_dir is not None else None
         if path is not None:
-            if (path / CONFIG_FILE).exists():
+            if is_index(path):
                 if not overwrite:
                     raise FileExistsError(
                         f"{path} already holds a hybrid index; load it, or pass overwrite=True"
@@ -330,10 +213,8 @@ class HybridRetriever:
             description["path"] = os.path.relpath(description["path"], path)
         config = {
             "format_version": FORMAT_VERSION,
-            "encoder": _encoder_record(encoder),
-            "probe": encoder.encode_passages([_PROBE], show_progress_bar=False)[0]
-            .round(6)
-            .tolist(),
+            "encoder": encoder_record(encoder),
+            "probe": probe_vector(encoder),
             "settings": asdict(options),
             "store": description,
         }
@@ -342,7 +223,7 @@ class HybridRetriever:
             encoder=encoder, store=store, bm25=bm25, settings=options, index_dir=path, config=config
         )
         if path is not None:
-            write_json(path / CONFIG_FILE, config)
+            write_manifest(path, config)
             retriever._commit()
         return retriever
 
@@ -351,7 +232,7 @@ class HybridRetriever:
         cls,
         index_dir: str | os.PathLike[str],
         *,
-        encoder=None,
+        encoder: Encoder | None = None,
         store: VectorStore | None = None,
         repair: bool = False,
         **encoder_options: Any,
@@ -364,113 +245,50 @@ class HybridRetriever:
         PEGEncoder.from_pretrained. Vectors are read from the store, never re-embedded,
         except for chunks the store lost when ``repair=True``.
         """
-        from .encoder import PEGEncoder
-
         path = Path(index_dir)
-        if not (path / CONFIG_FILE).is_file():
-            raise FileNotFoundError(f"{path} is not a hybrid index: {CONFIG_FILE} is missing")
-        config = read_json(path / CONFIG_FILE)
-        if config.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{path / CONFIG_FILE}: unsupported format_version")
+        config = read_manifest(path)
         saved = config["encoder"]
         if encoder is None:
             encoder = PEGEncoder.from_pretrained(
                 saved["model"],
                 pooling=saved["pooling"],
                 normalize=saved["normalize"],
-                query_instruction=saved["query_instruction"] or "",
-                passage_instruction=saved["passage_instruction"] or "",
+                query_prompt=saved["query_prompt"] or "",
+                passage_prompt=saved["passage_prompt"] or "",
                 max_length=saved["max_length"],
                 **encoder_options,
             )
-        cls._check_encoder(encoder, config, path)
-        state = path / (path / CURRENT_FILE).read_text(encoding="utf-8").strip()
+        check_encoder(encoder, config, path)
+        state, generation = current_state(path)
+        bm25, chunks, docs = read_state(state)
         retriever = cls(
             encoder=encoder,
             store=store or open_store(config["store"], base=path),
-            bm25=BM25Index.load(state / "bm25"),
+            bm25=bm25,
             settings=HybridSettings(**config["settings"]),
             index_dir=path,
             config=config,
         )
-        retriever._generation = int(state.name.rsplit("-", 1)[1])
-        retriever._read_state(state)
-        retriever._remove_stale_states()
+        retriever._generation = generation
+        retriever._chunks, retriever._docs = chunks, docs
+        remove_stale_states(path, generation)
         retriever._reconcile(repair)
         return retriever
 
-    @staticmethod
-    def _check_encoder(encoder, config: dict[str, Any], path: Path) -> None:
-        saved = config["encoder"]
-        if encoder.dim != saved["dim"]:
-            raise ValueError(
-                f"{path} holds {saved['dim']}-dim vectors; this encoder makes {encoder.dim}"
-            )
-        for key in ("pooling", "normalize", "query_instruction", "passage_instruction"):
-            if (getattr(encoder, key) or None) != (saved[key] or None):
-                raise ValueError(
-                    f"{path} was built with {key}={saved[key]!r}; this encoder has "
-                    f"{getattr(encoder, key)!r}, so its vectors would not match"
-                )
-        probe = encoder.encode_passages([_PROBE], show_progress_bar=False)[0]
-        cosine = float(np.dot(probe, np.asarray(config["probe"], dtype=np.float32)))
-        cosine /= float(np.linalg.norm(probe) * np.linalg.norm(config["probe"])) or 1.0
-        if cosine < _PROBE_MIN_COSINE:
-            raise ValueError(
-                f"this encoder's vectors differ from the ones {path} was built with "
-                f"(cosine {cosine:.3f} on a probe text): a different model or changed files"
-            )
-
     # ------------------------------------------------------------------ state on disk
 
-    def _read_state(self, state: Path) -> None:
-        with (state / "chunks.jsonl").open(encoding="utf-8") as handle:
-            for line in handle:
-                chunk = _Chunk(**json.loads(line))
-                self._chunks[chunk.id] = chunk
-        self._docs = read_json(state / "docs.json")
-        if set(self._chunks) != set(self.bm25.ids):
-            raise InconsistentIndexError(
-                f"{state}: the chunk table and the BM25 index hold different ids; "
-                "the state directory was modified outside peg-rag"
-            )
-
     def _commit(self) -> None:
-        """Write the state to a fresh directory, then switch CURRENT to it atomically."""
+        """Commit the chunk table and BM25 as a new state (nothing to do in memory)."""
         if self.index_dir is None:
             return
-        generation = self._generation + 1
-        name = f"state-{generation:06d}"
-        tmp = self.index_dir / f".{name}.tmp"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        self.bm25.save(tmp / "bm25")
-        with (tmp / "chunks.jsonl").open("w", encoding="utf-8") as handle:
-            for item in self.bm25.ids:
-                handle.write(json.dumps(asdict(self._chunks[item]), ensure_ascii=False) + "\n")
-        write_json(tmp / "docs.json", self._docs)
-        os.replace(tmp, self.index_dir / name)
-        current = self.index_dir / f".{CURRENT_FILE}.tmp"
-        with current.open("w", encoding="utf-8") as handle:
-            handle.write(name)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(current, self.index_dir / CURRENT_FILE)
-        self._generation = generation
-        self._remove_stale_states()
-
-    def _remove_stale_states(self) -> None:
-        """Delete state directories other than the current one (older or half-written)."""
-        assert self.index_dir is not None
-        keep = f"state-{self._generation:06d}"
-        for entry in self.index_dir.iterdir():
-            if (
-                entry.is_dir()
-                and entry.name != keep
-                and entry.name.lstrip(".").startswith("state-")
-            ):
-                shutil.rmtree(entry, ignore_errors=True)
+        commit_state(
+            self.index_dir,
+            self._generation + 1,
+            self.bm25,
+            (self._chunks[item] for item in self.bm25.ids),
+            self._docs,
+        )
+        self._generation += 1
 
     def _reconcile(self, repair: bool) -> None:
         stored = self.store.all_ids()
@@ -508,7 +326,7 @@ class HybridRetriever:
         """Ids of the indexed documents, or of those with a chunk matching ``filters``."""
         if filters is None:
             return list(self._docs)
-        where_filters.validate(filters)
+        where_filters.validate_filter(filters)
         found = {
             c.doc_id
             for c in self._chunks.values()
@@ -516,12 +334,12 @@ class HybridRetriever:
         }
         return [d for d in self._docs if d in found]
 
-    def _chunk_documents(self, docs: Sequence[Document]) -> list[_Chunk]:
+    def _chunk_documents(self, docs: Sequence[Document]) -> list[StoredChunk]:
         chunks = []
         for doc in docs:
             for piece in self.chunker.split(doc.text):
                 chunks.append(
-                    _Chunk(
+                    StoredChunk(
                         f"{doc.id}#{piece.index}",
                         doc.id,
                         piece.text,
@@ -532,7 +350,9 @@ class HybridRetriever:
                 )
         return chunks
 
-    def _upsert_vectors(self, chunks: Sequence[_Chunk], vectors: np.ndarray | None = None) -> None:
+    def _upsert_vectors(
+        self, chunks: Sequence[StoredChunk], vectors: np.ndarray | None = None
+    ) -> None:
         if vectors is None:
             vectors = self.encoder.encode_passages([c.text for c in chunks])
         ids = [c.id for c in chunks]
@@ -560,7 +380,7 @@ class HybridRetriever:
         and metadata are unchanged (by content hash), else replaced. Metadata values must
         be str, int, float or bool; the key ``doc_id`` is reserved.
         """
-        docs = [_as_document(d, i) for i, d in enumerate(documents)]
+        docs = [as_document(d, i) for i, d in enumerate(documents)]
         seen: set[str] = set()
         for doc in docs:
             if doc.id in seen:
@@ -650,7 +470,7 @@ class HybridRetriever:
         """Retrieve for several queries at once (one encoder batch).
 
         - ``filters``: a Chroma-style ``where`` on metadata (and ``doc_id``), applied to
-          both retrievers (see :mod:`peg_rag.filters`).
+          both retrievers (see :mod:`peg_rag.retrieval.filters`).
         - ``method``: "hybrid" (default), or "dense" / "bm25" alone.
         - ``fusion``, ``weights``, ``candidates``: override the index's defaults.
 
@@ -659,15 +479,13 @@ class HybridRetriever:
         """
         if isinstance(queries, str):
             raise TypeError("queries must be a list of strings; use retrieve() for one query")
-        if method not in ("hybrid", "dense", "bm25"):
-            raise ValueError(f"method must be 'hybrid', 'dense' or 'bm25', got {method!r}")
+        check_choice("method", method, METHODS)
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         fusion = fusion or self.settings.fusion
-        if fusion not in ("relative", "rrf"):
-            raise ValueError(f"fusion must be 'relative' or 'rrf', got {fusion!r}")
+        check_choice("fusion", fusion, FUSIONS)
         weights = dict(weights or self.settings.weights)
-        _check_weights(weights)
+        check_weights(weights)
         depth = max(k, candidates or self.settings.candidates)
         for i, query in enumerate(queries):
             if not isinstance(query, str):

@@ -13,8 +13,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from .filters import Where
+
 Metadata = Mapping[str, str | int | float | bool]
-Where = Mapping[str, Any]
 
 
 @runtime_checkable
@@ -22,7 +23,7 @@ class VectorStore(Protocol):
     """What the hybrid retriever needs from a dense store; a server-grade store implements it too.
 
     Similarities are cosine similarities (higher is better). ``where`` filters use Chroma's
-    metadata filter syntax (see :mod:`peg_rag.filters`).
+    metadata filter syntax (see :mod:`peg_rag.retrieval.filters`).
     """
 
     def upsert(

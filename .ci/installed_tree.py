@@ -1,0 +1,36 @@
+"""Lay out the Python files of peg-rag in DEST as an install does, for static checks.
+
+The package-dir mapping in pyproject.toml puts trainer/ and integrations/ inside the
+installed peg_rag/ (as peg_rag.trainer and peg_rag.integrations). Tools that walk
+peg_rag/ on disk (import-linter, mypy) see all three folders only in such a tree.
+
+    python .ci/installed_tree.py DEST
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tomllib
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def lay_out(dest: Path) -> None:
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    roots = config["package-dir"]
+    for package in config["packages"]:
+        # The longest mapped prefix decides the folder, as setuptools does.
+        root = max((p for p in roots if package == p or package.startswith(p + ".")), key=len)
+        source = REPO / roots[root] / Path(*package.split(".")[len(root.split(".")) :])
+        target = dest / Path(*package.split("."))
+        target.mkdir(parents=True, exist_ok=True)
+        for file in source.glob("*.py"):
+            shutil.copy2(file, target / file.name)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
+    lay_out(Path(sys.argv[1]))
