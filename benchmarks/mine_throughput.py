@@ -3,7 +3,8 @@
 The pool is 100,000 distinct texts from the shared data: the positives of the mined lines,
 the three eval corpora, then the other training positives and queries. Encoding and search
 are timed apart, because on a 2-core CPU encoding dominates and is the encoder benchmark's
-subject: the vectors are encoded once with the model and cached under --cache (the encoding
+subject: the vectors are encoded once with the model and cached under --cache (default:
+``bench/mine_throughput`` in peg-rag's cache directory, see ``peg_rag.core.cache``; the encoding
 time is stored beside them and reported), then the search-and-sample step of mining
 (trainer.mine: exact top-100 + window sampling with the guards) runs on the cached vectors
 with each top-k backend, interleaved, each repeat in a fresh process so its peak RSS is its own.
@@ -28,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 from results_file import header, update_section
+
+from peg_rag.core.cache import cache_dir
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -179,7 +182,12 @@ def main() -> None:
     parser.add_argument("--model", default=str(SHARED / "models/me5-small-zh"))
     parser.add_argument("--train-dir", default=str(SHARED / "data/train"))
     parser.add_argument("--eval-dir", default=str(SHARED / "data/eval"))
-    parser.add_argument("--cache", type=Path, default=Path("/work/cache/mine_throughput"))
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=cache_dir() / "bench" / "mine_throughput",
+        help="where the encoded vectors are kept (default: %(default)s)",
+    )
     parser.add_argument("--pool", type=int, default=100_000)
     parser.add_argument("--queries", type=int, default=10_000, help="training lines to mine")
     parser.add_argument("--max-length", type=int, help="encoder max tokens (default: model's)")

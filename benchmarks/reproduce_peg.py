@@ -1,6 +1,10 @@
 """The PEG reproduction run and its ablation (issue 4), sized for a 2-core CPU, in one command.
 
-    python benchmarks/reproduce_peg.py [--work /work/cache/repro] [--lock /tmp/peg-cpu.lock]
+    python benchmarks/reproduce_peg.py [--work DIR] [--lock FILE]
+
+``--work`` defaults to ``bench/repro`` in peg-rag's cache directory (``$PEG_RAG_CACHE``, else
+``$XDG_CACHE_HOME/peg-rag``, else ``~/.cache/peg-rag``); ``--lock`` to ``peg-rag-cpu.lock`` in
+the temporary directory (``--lock ''`` runs without one).
 
 Stages, each skipped when its output exists (so an interrupted run continues where it
 stopped; a killed training run resumes from its last checkpoint):
@@ -31,12 +35,15 @@ import random
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from results_file import header, update_section
+
+from peg_rag.core.cache import cache_dir
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -352,7 +359,7 @@ def minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min"
 
 
-def report(work: Path) -> None:
+def report(work: Path, lock: str | None) -> None:
     """benchmarks/peg_ablation.png and the RESULTS.md section."""
     plot(work, Path(__file__).with_name("peg_ablation.png"))
     timings = json.loads((work / "timings.json").read_text(encoding="utf-8"))
@@ -446,9 +453,13 @@ def report(work: Path) -> None:
         [
             header("PEG reproduction (issue 4): ablation on a 2-core CPU"),
             f"- Recipe: `python benchmarks/reproduce_peg.py` (prepare, mine, train A/B/C, eval, "
-            f"report; scratch files in `{work}`, outside the repository; heavy steps under "
-            "`flock /tmp/peg-cpu.lock`, wall times measured while holding it). "
-            "Configs: `trainer/configs/ablation-{a,b,c}.yaml`.",
+            f"report; scratch files in `{work}`, outside the repository; "
+            + (
+                f"heavy steps under `flock {lock}`, wall times measured while holding it). "
+                if lock
+                else "no CPU lock). "
+            )
+            + "Configs: `trainer/configs/ablation-{a,b,c}.yaml`.",
             f"- Base model: `../shared/models/me5-small-zh` (multilingual-e5-small, mean pooling, "
             f"`query: `/`passage: `). Training at max length {MAX_LENGTH}; every model is "
             f"evaluated at max length {EVAL_LENGTH} with `peg-rag eval` (dense: exact search; "
@@ -497,8 +508,17 @@ def report(work: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work", type=Path, default=Path("/work/cache/repro"))
-    parser.add_argument("--lock", default="/tmp/peg-cpu.lock", help="flock file ('' for none)")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=cache_dir() / "bench" / "repro",
+        help="scratch folder for data, runs and evaluations (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--lock",
+        default=str(Path(tempfile.gettempdir()) / "peg-rag-cpu.lock"),
+        help="flock file held by the heavy steps ('' for none; default: %(default)s)",
+    )
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
     args = parser.parse_args()
     if "prepare" in args.stages:
@@ -512,7 +532,7 @@ def main() -> None:
     if "eval" in args.stages:
         run_all(args.work, eval_jobs(args.work), lock)
     if "report" in args.stages:
-        report(args.work)
+        report(args.work, lock)
 
 
 if __name__ == "__main__":

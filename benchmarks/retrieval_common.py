@@ -1,8 +1,11 @@
 """Shared pieces of the hybrid-retrieval benchmarks: an on-disk vector cache and corpora.
 
 Encoding 100k passages with me5-small-zh on two CPU cores takes a while, so passage vectors
-are cached outside the repository, keyed by the model, its settings, the kind and the text.
-Cached vectors are exactly what the encoder returned; only reruns are faster.
+are cached outside the repository, keyed by the model, how it was loaded, its settings, the
+kind and the text. Cached vectors are exactly what the encoder returned; only reruns are
+faster. The cache lives in ``$PEG_BENCH_CACHE`` if set, else under peg-rag's cache directory
+(``peg_rag.core.cache.cache_dir()``, which honours ``$PEG_RAG_CACHE`` and ``$XDG_CACHE_HOME``);
+the scripts' ``--cache`` flag overrides both.
 """
 
 from __future__ import annotations
@@ -15,12 +18,26 @@ from pathlib import Path
 
 import numpy as np
 
+from peg_rag.core.cache import cache_dir
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 MODEL = SHARED / "models" / "me5-small-zh"
 EVAL = SHARED / "data" / "eval"
 TRAIN = SHARED / "data" / "train"
 SETS = ("kuake-qtr-dev", "cmedir-dev", "cmrc2018-dev")
-DEFAULT_CACHE = Path(os.environ.get("PEG_BENCH_CACHE", "/work/cache/peg-hybrid/vector-cache"))
+ENV_CACHE = "PEG_BENCH_CACHE"
+
+
+def bench_dir() -> Path:
+    """Working folder of the retrieval benchmarks (indexes built for timing and the like)."""
+    return cache_dir() / "bench" / "retrieval"
+
+
+def default_vector_cache() -> Path:
+    """``$PEG_BENCH_CACHE``, else ``bench_dir() / "vectors"``."""
+    if os.environ.get(ENV_CACHE):
+        return Path(os.environ[ENV_CACHE]).expanduser()
+    return bench_dir() / "vectors"
 
 
 class CachedEncoder:
@@ -31,22 +48,25 @@ class CachedEncoder:
     compute itself.
     """
 
-    def __init__(
-        self, encoder, cache_dir: Path = DEFAULT_CACHE, kinds: Sequence[str] = ("passage",)
-    ):
+    def __init__(self, encoder, directory: Path | None = None, kinds: Sequence[str] = ("passage",)):
+        """``directory``: where the vectors go (default: :func:`default_vector_cache`)."""
         self.encoder = encoder
         self.kinds = set(kinds)
         settings = encoder.settings()
-        weights = sorted(Path(encoder.model.config._name_or_path).glob("*.safetensors"))
+        model = Path(encoder.name_or_path)  # a local directory's absolute path, or a hub id
+        weights = sorted(model.glob("*.safetensors")) if model.is_dir() else []
         identity = json.dumps(
             [
-                str(encoder.model.config._name_or_path),
+                encoder.name_or_path,
+                encoder.load_options,
                 vars(settings),
                 [w.stat().st_size for w in weights],
             ],
             default=str,
+            sort_keys=True,
         )
-        self.dir = cache_dir / hashlib.sha1(identity.encode()).hexdigest()[:16]
+        root = Path(directory) if directory is not None else default_vector_cache()
+        self.dir = root / hashlib.sha1(identity.encode()).hexdigest()[:16]
         self.dir.mkdir(parents=True, exist_ok=True)
         self._rows: dict[bytes, np.ndarray] = {}
         for shard in sorted(self.dir.glob("shard-*.npz")):

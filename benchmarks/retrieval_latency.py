@@ -7,9 +7,10 @@ Each size is built in a fresh embedded index. Passage vectors come from an on-di
 (see retrieval_common.py), so the build time shows chunking + Chroma + BM25 + commit; dense
 encoding throughput is measured on its own, on a sample. Queries are the shared eval
 queries (shuffled, seed 1), answered one at a time with query encoding included, after a
-warm-up.
+warm-up. Indexes are built under --work, passage vectors cached under --cache (defaults
+under peg-rag's cache directory; see retrieval_common.py).
 
-    flock /tmp/peg-cpu.lock python benchmarks/retrieval_latency.py [--write]
+    flock /tmp/peg-cpu.lock python benchmarks/retrieval_latency.py [--write] [--work DIR]
 """
 
 from __future__ import annotations
@@ -24,16 +25,23 @@ from pathlib import Path
 
 import numpy as np
 from results_file import header, update_section
-from retrieval_common import EVAL, MODEL, SETS, CachedEncoder, train_texts
+from retrieval_common import (
+    EVAL,
+    MODEL,
+    SETS,
+    CachedEncoder,
+    bench_dir,
+    default_vector_cache,
+    train_texts,
+)
 
 from peg_rag import Document, HybridRetriever, PEGEncoder
-from peg_rag.retrieval.bm25 import BM25Index
-from peg_rag.retrieval.hybrid import HybridSettings
-from peg_rag.retrieval.store import ChromaStore
-from peg_rag.retrieval.chunker import Chunker
 from peg_rag.core.beir import load_beir
+from peg_rag.retrieval.bm25 import BM25Index
+from peg_rag.retrieval.chunker import Chunker
+from peg_rag.retrieval.settings import HybridSettings
+from peg_rag.retrieval.store import ChromaStore
 
-WORK = Path("/work/cache/peg-hybrid/latency")
 DEFAULTS = HybridSettings()
 
 
@@ -74,11 +82,12 @@ def percentiles(seconds: list[float]) -> dict[str, float]:
     return {"p50": float(np.percentile(ms, 50)), "p95": float(np.percentile(ms, 95))}
 
 
-def measure(chosen: list[Document], queries, encoder, cached, n_queries: int) -> dict:
+def measure(chosen: list[Document], queries, encoder, cached, n_queries: int, work: Path) -> dict:
+    """Build an index of ``chosen`` under ``work``, time its parts, then answer queries."""
     chunker = Chunker(DEFAULTS.chunk_size, DEFAULTS.chunk_overlap, tokenizer=encoder.tokenizer)
     texts = [c.text for doc in chosen for c in chunker.split(doc.text)]
     cached.encode_passages(texts, batch_size=64, show_progress_bar=True)  # fill the cache
-    index_dir = WORK / f"idx-{len(texts)}"
+    index_dir = work / f"idx-{len(texts)}"
     shutil.rmtree(index_dir, ignore_errors=True)
 
     start = time.perf_counter()
@@ -103,7 +112,7 @@ def measure(chosen: list[Document], queries, encoder, cached, n_queries: int) ->
     peer.index(bm25s.tokenize(texts, stopwords=None, show_progress=False), show_progress=False)
     peer_s = time.perf_counter() - start
     vectors = cached.encode_passages(texts)
-    store_dir = WORK / f"store-{len(texts)}"
+    store_dir = work / f"store-{len(texts)}"
     shutil.rmtree(store_dir, ignore_errors=True)
     start = time.perf_counter()
     ChromaStore.persistent(store_dir).upsert(
@@ -221,14 +230,26 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=500)
     parser.add_argument("--write", action="store_true", help="update benchmarks/RESULTS.md")
     parser.add_argument("--json", help="also write the raw numbers to this file")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=bench_dir() / "latency",
+        help="folder for the indexes built (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=default_vector_cache(),
+        help="passage vector cache (default: %(default)s; $PEG_BENCH_CACHE sets it)",
+    )
     args = parser.parse_args()
     encoder = PEGEncoder.from_pretrained(MODEL, batch_size=64)
-    cached = CachedEncoder(encoder)
+    cached = CachedEncoder(encoder, args.cache)
     docs, queries = corpus_and_queries()
     chunker = Chunker(DEFAULTS.chunk_size, DEFAULTS.chunk_overlap, tokenizer=encoder.tokenizer)
     results = {}
     for size, chosen in sorted(select(docs, chunker, args.sizes).items()):
-        results[size] = measure(chosen, queries, encoder, cached, args.queries)
+        results[size] = measure(chosen, queries, encoder, cached, args.queries, args.work)
         print(size, json.dumps(results[size]), flush=True)
     results["long"] = long_chunk_bm25_rate(encoder)
     body = render(results)

@@ -7,7 +7,9 @@ nDCG@10 and Recall@100 come from peg_rag.core.metrics. Sweeps of fusion weights 
 candidate depth, run on the same per-retriever lists, and BM25 variants (tokenization,
 k1/b; alone and fused) show how the one set of defaults, the same for every set, was chosen.
 
-    flock /tmp/peg-cpu.lock python benchmarks/retrieval_quality.py [--write]
+Vectors are cached under --cache (see retrieval_common.py).
+
+    flock /tmp/peg-cpu.lock python benchmarks/retrieval_quality.py [--write] [--cache DIR]
 """
 
 from __future__ import annotations
@@ -15,16 +17,17 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 from results_file import header, update_section
-from retrieval_common import EVAL, MODEL, SETS, CachedEncoder
+from retrieval_common import EVAL, MODEL, SETS, CachedEncoder, default_vector_cache
 
 from peg_rag import PEGEncoder
-from peg_rag.retrieval.bm25 import BM25Index, ChineseTokenizer
-from peg_rag.retrieval.fusion import reciprocal_rank, relative_score
-from peg_rag.retrieval.evaluate import index_corpus, run_queries
 from peg_rag.core.beir import load_beir
 from peg_rag.core.metrics import retrieval_scores
+from peg_rag.retrieval.bm25 import BM25Index, ChineseTokenizer
+from peg_rag.retrieval.evaluate import index_corpus, run_queries
+from peg_rag.retrieval.fusion import reciprocal_rank, relative_score
 
 SWEEP = (0.5, 0.6, 0.7, 0.8)
 DEPTHS = (20, 50, 100, 200)
@@ -178,9 +181,15 @@ def main() -> None:
     parser.add_argument("--sets", nargs="+", default=list(SETS))
     parser.add_argument("--write", action="store_true", help="update benchmarks/RESULTS.md")
     parser.add_argument("--json", help="also write the raw numbers to this file")
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=default_vector_cache(),
+        help="passage and query vectors (default: %(default)s; $PEG_BENCH_CACHE sets it)",
+    )
     args = parser.parse_args()
     encoder = CachedEncoder(
-        PEGEncoder.from_pretrained(MODEL, batch_size=64), kinds=("passage", "query")
+        PEGEncoder.from_pretrained(MODEL, batch_size=64), args.cache, kinds=("passage", "query")
     )
     results = {}
     for name in args.sets:

@@ -19,7 +19,6 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate, MessagesPlaceholder
 
-from peg_rag.integrations.langchain import PEGHybridRetriever
 from peg_rag.apps.rag_chat import (
     NO_LLM_NOTICE,
     SYSTEM_PROMPT,
@@ -35,6 +34,7 @@ from peg_rag.apps.rag_chat import (
     read_inputs,
     typed_questions,
 )
+from peg_rag.integrations.langchain import PEGHybridRetriever
 
 PROMPT = ChatPromptTemplate.from_messages(
     [

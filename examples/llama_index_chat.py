@@ -19,7 +19,6 @@ from llama_index.core.chat_engine import CondensePlusContextChatEngine
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import NodeWithScore, QueryBundle
 
-from peg_rag.integrations.llama_index import PEGHybridRetriever
 from peg_rag.apps.rag_chat import (
     NO_LLM_NOTICE,
     SYSTEM_PROMPT,
@@ -34,6 +33,7 @@ from peg_rag.apps.rag_chat import (
     read_inputs,
     typed_questions,
 )
+from peg_rag.integrations.llama_index import PEGHybridRetriever
 
 CONTEXT_PROMPT = SYSTEM_PROMPT + "\n\n参考资料：\n{context_str}"
 

@@ -1,15 +1,21 @@
-"""The ``peg-rag`` command line: one subcommand per module in ``peg_rag.commands``."""
+"""The ``peg-rag`` command line: one subcommand per module in ``peg_rag.commands``.
+
+CLI layer: parses arguments, calls the library, prints. No library module imports it.
+"""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 from collections.abc import Sequence
 
+from peg_rag.commands import demo, encode, index, mine, query, train
+from peg_rag.commands import eval as evaluate
+from peg_rag.core.extras import MissingExtraError
+
 # Each module defines register(subparsers), which adds its parser and sets ``run``.
-COMMANDS = ("encode", "mine", "eval", "train", "index", "query", "demo")
+COMMANDS = (encode, mine, evaluate, train, index, query, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,8 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="peg-rag", description="Train and use robust Chinese text-embedding models."
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMANDS:
-        importlib.import_module(f"peg_rag.commands.{name}").register(subparsers)
+    for command in COMMANDS:
+        command.register(subparsers)
     return parser
 
 
@@ -28,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.run(args) or 0)
-    except (ValueError, OSError) as exc:  # bad input: one clear line, no traceback
+    except (ValueError, OSError, MissingExtraError) as exc:  # one clear line, no traceback
         print(f"peg-rag {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

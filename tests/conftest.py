@@ -5,43 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-ME5_DIR = SHARED / "models" / "me5-small-zh"
-EVAL_DIR = SHARED / "data" / "eval"
-
-
-def char_vocab() -> dict[str, int]:
-    """A character vocabulary: BERT specials, ASCII, CJK punctuation and all common CJK."""
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    ascii_chars = [chr(c) for c in range(33, 127)]
-    punctuation = list("。，、；：？！…—·“”‘’（）《》【】「」『』")
-    cjk = [chr(c) for c in range(0x4E00, 0x9FA6)]
-    return {token: i for i, token in enumerate(specials + ascii_chars + punctuation + cjk)}
-
-
-def build_tiny_model(directory: Path, *, seed: int = 0, dropout: float = 0.0) -> Path:
-    """Save a 2-layer, 32-wide BERT and its WordPiece tokenizer to ``directory``."""
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    directory.mkdir(parents=True, exist_ok=True)
-    tokenizer = BertTokenizerFast(vocab=char_vocab())
-    tokenizer.model_max_length = 128
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        hidden_dropout_prob=dropout,
-        attention_probs_dropout_prob=dropout,
-    )
-    torch.manual_seed(seed)
-    BertModel(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+from helpers import ME5_DIR, build_tiny_model
 
 
 @pytest.fixture(scope="session")
@@ -55,15 +19,3 @@ def me5_dir() -> Path:
     if not ME5_DIR.is_dir():
         pytest.skip(f"slow test needs the shared model at {ME5_DIR}, which is absent")
     return ME5_DIR
-
-
-CHINESE_TEXTS = [
-    "医保报销需要准备哪些材料？",
-    "高血压患者日常饮食应该注意什么",
-    "北京故宫的开放时间是几点到几点",
-    "如何在网上办理居住证续签",
-    "糖尿病人可以吃西瓜吗",
-    "异地就医备案的流程是什么？",
-    "长城哪一段最适合徒步旅行",
-    "个人所得税汇算清缴什么时候截止",
-]

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 import peg_rag.apps.demo as demo
-from peg_rag.cli import main
+import peg_rag.apps.model_choice as model_choice
 from peg_rag.apps.kb_model import Recipe, build_tokenizer, training_pairs
 from peg_rag.apps.sample_data import kb_documents, load_sample_kb, load_sample_questions
+from peg_rag.cli import main
 
 # A fallback recipe small enough for a test: the real one trains for minutes.
 TINY = Recipe(
@@ -27,15 +28,15 @@ TINY = Recipe(
 @pytest.fixture
 def offline(monkeypatch) -> None:
     """No hub model and no $PEG_RAG_MODEL: the demo must fall back."""
-    monkeypatch.delenv(demo.ENV_MODEL, raising=False)
-    monkeypatch.setattr(demo, "find_pretrained", lambda name=demo.HUB_MODEL: None)
+    monkeypatch.delenv(model_choice.ENV_MODEL, raising=False)
+    monkeypatch.setattr(model_choice, "find_pretrained", lambda name=model_choice.HUB_MODEL: None)
     monkeypatch.setattr(demo, "QUICK", TINY)
 
 
 def test_quick_demo_with_a_given_model_answers_and_reports_hit_at_k(
     tiny_model_dir, tmp_path, capsys, monkeypatch
 ):
-    monkeypatch.delenv(demo.ENV_MODEL, raising=False)
+    monkeypatch.delenv(model_choice.ENV_MODEL, raising=False)
     args = ["demo", "--quick", "--model", str(tiny_model_dir), "--cache-dir", str(tmp_path)]
     assert main(args) == 0
     out = capsys.readouterr().out
@@ -72,10 +73,10 @@ def test_report_counts_hits_against_gold_ids(tiny_model_dir, tmp_path):
 
 
 def test_model_from_environment_variable(tiny_model_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv(demo.ENV_MODEL, str(tiny_model_dir))
+    monkeypatch.setenv(model_choice.ENV_MODEL, str(tiny_model_dir))
     assert main(["demo", "--quick", "--cache-dir", str(tmp_path), "-k", "3"]) == 0
     out = capsys.readouterr().out
-    assert f"(from ${demo.ENV_MODEL})" in out and "hit@3 over 9 questions" in out
+    assert f"(from ${model_choice.ENV_MODEL})" in out and "hit@3 over 9 questions" in out
 
 
 def test_hub_model_from_the_local_cache_comes_before_the_fallback(
@@ -89,9 +90,9 @@ def test_hub_model_from_the_local_cache_comes_before_the_fallback(
     (repo / "refs" / "main").write_text("0" * 40)
     monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
-    monkeypatch.delenv(demo.ENV_MODEL, raising=False)
-    name, how = demo.resolve_model(None, cache=tmp_path, recipe=TINY, out=print)
-    assert Path(name) == repo / "snapshots" / ("0" * 40) and demo.HUB_MODEL in how
+    monkeypatch.delenv(model_choice.ENV_MODEL, raising=False)
+    name, how = model_choice.resolve_model(None, cache=tmp_path, recipe=TINY, out=print)
+    assert Path(name) == repo / "snapshots" / ("0" * 40) and model_choice.HUB_MODEL in how
 
 
 def test_fallback_trains_loudly_once_and_is_cached(offline, tmp_path, capsys):
@@ -119,7 +120,7 @@ def test_fallback_never_reads_the_questions(offline, tmp_path, monkeypatch):
 
     monkeypatch.setattr(demo, "load_sample_questions", forbidden)
     monkeypatch.setattr("peg_rag.apps.sample_data.load_sample_questions", forbidden)
-    model_dir = demo.fallback_model(tmp_path, TINY, out=lambda line: None)
+    model_dir = model_choice.fallback_model(tmp_path, TINY, out=lambda line: None)
     assert (model_dir / "config.json").is_file()
 
 

@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import CHINESE_TEXTS
+from helpers import CHINESE_TEXTS
 
 from peg_rag import ModelNotFoundError, PEGEncoder
 from peg_rag.core.encoder import pool
@@ -23,7 +23,7 @@ def encoder(tiny_model_dir):
 def test_defaults_without_sentence_transformers_files(encoder):
     assert encoder.pooling == "cls"
     assert encoder.normalize is True
-    assert encoder.query_instruction is None and encoder.passage_instruction is None
+    assert encoder.query_prompt is None and encoder.passage_prompt is None
     assert encoder.max_length == 128
     assert encoder.dim == 32
 
@@ -59,7 +59,7 @@ def test_vectors_are_normalized_and_order_is_kept(encoder):
 
 def test_instructions_prefix_only_their_kind(tiny_model_dir):
     enc = PEGEncoder.from_pretrained(
-        tiny_model_dir, query_instruction="查询：", passage_instruction="文档：", device="cpu"
+        tiny_model_dir, query_prompt="查询：", passage_prompt="文档：", device="cpu"
     )
     np.testing.assert_allclose(enc.encode_queries(["血压"]), enc.encode(["查询：血压"]), atol=1e-6)
     np.testing.assert_allclose(enc.encode_passages(["血压"]), enc.encode(["文档：血压"]), atol=1e-6)
@@ -109,12 +109,12 @@ def test_settings_detected_from_sentence_transformers_files(tiny_model_dir, tmp_
     )
     enc = PEGEncoder.from_pretrained(model_dir, device="cpu")
     assert (enc.pooling, enc.normalize, enc.max_length) == ("mean", False, 64)
-    assert (enc.query_instruction, enc.passage_instruction) == ("q: ", "d: ")
+    assert (enc.query_prompt, enc.passage_prompt) == ("q: ", "d: ")
     explicit = PEGEncoder.from_pretrained(
-        model_dir, pooling="cls", normalize=True, query_instruction="", max_length=32, device="cpu"
+        model_dir, pooling="cls", normalize=True, query_prompt="", max_length=32, device="cpu"
     )
     assert (explicit.pooling, explicit.normalize, explicit.max_length) == ("cls", True, 32)
-    assert explicit.query_instruction == ""
+    assert explicit.query_prompt == ""
 
 
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
@@ -124,14 +124,14 @@ def test_round_trip_through_peg_and_sentence_transformers(tiny_model_dir, tmp_pa
     enc = PEGEncoder.from_pretrained(
         tiny_model_dir,
         pooling=pooling,
-        query_instruction="问：",
-        passage_instruction="答：",
+        query_prompt="问：",
+        passage_prompt="答：",
         max_length=100,
         device="cpu",
     )
     enc.save_pretrained(tmp_path / "saved")
     again = PEGEncoder.from_pretrained(tmp_path / "saved", device="cpu")
-    assert (again.pooling, again.max_length, again.query_instruction) == (pooling, 100, "问：")
+    assert (again.pooling, again.max_length, again.query_prompt) == (pooling, 100, "问：")
     st = SentenceTransformer(str(tmp_path / "saved"), device="cpu")
     for kind, prompt in (("query", "query"), ("passage", "passage")):
         ours = enc.encode(CHINESE_TEXTS, kind)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from peg_rag.cli import main
-from peg_rag.core.encoder import PEGEncoder
 from peg_rag.core.beir import load_pairs
+from peg_rag.core.encoder import PEGEncoder
 from peg_rag.retrieval.evaluate import evaluate_folder, load_set, pair_spearman, score_set
 
 DOCS = [

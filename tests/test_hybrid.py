@@ -12,9 +12,9 @@ import textwrap
 import pytest
 
 from peg_rag import Document, HybridRetriever, PEGEncoder
+from peg_rag.retrieval.evaluate import index_corpus, run_queries
 from peg_rag.retrieval.fusion import reciprocal_rank, relative_score
 from peg_rag.retrieval.hybrid import InconsistentIndexError
-from peg_rag.retrieval.evaluate import index_corpus, run_queries
 
 DOCS = [
     Document(
@@ -231,14 +231,14 @@ def test_lost_vectors_are_reported_and_repaired_on_request(tmp_path, encoder):
 
 
 def test_load_needs_the_same_encoder(tmp_path, encoder):
-    from conftest import build_tiny_model
+    from helpers import build_tiny_model
 
     index_dir = tmp_path / "idx"
     _build(index_dir, encoder)
     other = PEGEncoder.from_pretrained(build_tiny_model(tmp_path / "other", seed=1))
     with pytest.raises(ValueError, match="differ"):
         HybridRetriever.load(index_dir, encoder=other)
-    mean_pooled = PEGEncoder.from_pretrained(encoder.model.config._name_or_path, pooling="mean")
+    mean_pooled = PEGEncoder.from_pretrained(encoder.name_or_path, pooling="mean")
     with pytest.raises(ValueError, match="pooling"):
         HybridRetriever.load(index_dir, encoder=mean_pooled)
     with pytest.raises(FileExistsError):
@@ -264,7 +264,7 @@ def test_beir_helpers_return_document_runs(encoder):
 
 @pytest.mark.slow
 def test_hybrid_beats_either_retriever_alone_on_a_small_medical_set(me5_dir):
-    from conftest import EVAL_DIR
+    from helpers import EVAL_DIR
 
     from peg_rag.core.beir import load_beir
     from peg_rag.core.metrics import retrieval_scores

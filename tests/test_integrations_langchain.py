@@ -16,8 +16,8 @@ from langchain_tests.integration_tests import EmbeddingsIntegrationTests, Retrie
 from langchain_tests.unit_tests import EmbeddingsUnitTests
 
 from peg_rag import PEGEncoder
-from peg_rag.integrations.langchain import PEGEmbeddings, PEGHybridRetriever, text_id
 from peg_rag.apps.sample_data import load_sample_kb
+from peg_rag.integrations.langchain import PEGEmbeddings, PEGHybridRetriever, text_id
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -53,7 +53,7 @@ class TestPEGEmbeddingsIntegration(TinyModel, EmbeddingsIntegrationTests):
 @pytest.fixture(scope="module")
 def embeddings(tiny_model_dir: Path) -> PEGEmbeddings:
     encoder = PEGEncoder.from_pretrained(
-        tiny_model_dir, device="cpu", query_instruction="查询：", passage_instruction="段落："
+        tiny_model_dir, device="cpu", query_prompt="查询：", passage_prompt="段落："
     )
     return PEGEmbeddings(encoder=encoder, batch_size=2)
 
@@ -70,8 +70,8 @@ def test_instructions_match_the_encoder(embeddings: PEGEmbeddings):
     assert not np.allclose(
         embeddings.embed_query(texts[0]), embeddings.embed_documents(texts[:1])[0]
     )
-    assert embeddings.query_instruction == "查询：" and embeddings.model_name == str(
-        encoder.model.config._name_or_path
+    assert embeddings.query_prompt == "查询：" and embeddings.model_name == str(
+        encoder.name_or_path
     )
 
 

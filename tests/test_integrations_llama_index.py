@@ -26,9 +26,9 @@ from llama_index.core.vector_stores import (
 )
 
 from peg_rag import PEGEncoder
+from peg_rag.apps.sample_data import load_sample_kb
 from peg_rag.integrations.hybrid import RETRIEVAL_KEYS
 from peg_rag.integrations.llama_index import PEGEmbedding, PEGHybridRetriever, to_where
-from peg_rag.apps.sample_data import load_sample_kb
 
 TEXTS = [
     "异地就医需要先办理备案",
@@ -61,9 +61,9 @@ def embed_model(encoder: PEGEncoder) -> PEGEmbedding:
 
 def test_loads_by_model_name_with_options(tiny_model_dir: Path):
     model = PEGEmbedding(
-        model_name=str(tiny_model_dir), device="cpu", pooling="mean", query_instruction="查询："
+        model_name=str(tiny_model_dir), device="cpu", pooling="mean", query_prompt="查询："
     )
-    assert (model.model_name, model.pooling, model.query_instruction) == (
+    assert (model.model_name, model.pooling, model.query_prompt) == (
         str(tiny_model_dir),
         "mean",
         "查询：",

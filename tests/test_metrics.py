@@ -6,7 +6,6 @@ import math
 
 import pytest
 
-from peg_rag.core.records import DataError
 from peg_rag.core.beir import load_beir, load_pairs
 from peg_rag.core.metrics import (
     mrr_at_k,
@@ -15,6 +14,7 @@ from peg_rag.core.metrics import (
     retrieval_scores,
     spearman,
 )
+from peg_rag.core.records import DataError
 
 
 def test_ndcg_graded_by_hand():

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CHINESE_TEXTS
+from helpers import CHINESE_TEXTS
 
 from peg_rag.cli import main
 from peg_rag.core.encoder import PEGEncoder

@@ -7,8 +7,8 @@ from collections import Counter
 
 import pytest
 
-from peg_rag.core.records import DataError
 from peg_rag.apps.sample_data import load_sample_kb, load_sample_questions
+from peg_rag.core.records import DataError
 
 
 def test_sample_kb_has_three_domains_and_unique_ids():

@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from peg_rag.retrieval.chunker import Chunker, normalize_width, split_sentences
+from peg_rag.core.text import normalize_width, split_sentences
+from peg_rag.retrieval.chunker import Chunker
 
 # Text drawn from CJK characters, sentence ends, closers, spaces, newlines and some ASCII.
 ALPHABET = (

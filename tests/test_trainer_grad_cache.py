@@ -6,8 +6,8 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from conftest import CHINESE_TEXTS as T
-from conftest import build_tiny_model
+from helpers import CHINESE_TEXTS as T
+from helpers import build_tiny_model
 from trainer_utils import assert_close_vectors, gradients, load_encoder, reference_loss
 
 from peg_rag.trainer import grad_cache

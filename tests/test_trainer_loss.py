@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import CHINESE_TEXTS as T
+from helpers import CHINESE_TEXTS as T
 from trainer_utils import reference_loss
 
 from peg_rag.trainer.collate import build_inputs

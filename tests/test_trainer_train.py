@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import CHINESE_TEXTS, build_tiny_model
+from helpers import CHINESE_TEXTS, build_tiny_model
 from trainer_utils import make_records, weights, write_lines
 
 from peg_rag.core.encoder import PEGEncoder
@@ -360,7 +360,7 @@ def test_bad_training_line_stops_the_command_with_file_line_and_field(workspace,
     bad.write_text(
         json.dumps(make_records(1)[0], ensure_ascii=False) + '\n{"query": "问", "pos": "答"}\n'
     )
-    from peg_rag.commands.train import main
+    from peg_rag.trainer.__main__ import main
 
     argv = [
         "--model",

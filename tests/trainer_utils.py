@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import torch
-from conftest import CHINESE_TEXTS
+from helpers import CHINESE_TEXTS
 from safetensors.torch import load_file
 
 from peg_rag.core.encoder import PEGEncoder

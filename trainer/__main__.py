@@ -20,7 +20,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = train(config_from_args(args))
     except (ValueError, OSError) as exc:  # bad input: one clear line, no traceback
-        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
     print(result.summary())
     return 0
 

@@ -28,8 +28,12 @@ def checkpoints(output_dir: Path) -> list[Path]:
     folder = output_dir / "checkpoints"
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if _NAME.match(p.name) and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+    steps = {
+        p: int(match.group(1))
+        for p in folder.iterdir()
+        if (match := _NAME.match(p.name)) and (p / STATE_FILE).is_file()
+    }
+    return sorted(steps, key=steps.__getitem__)
 
 
 def remove_partial(output_dir: Path) -> None:

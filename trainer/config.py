@@ -192,13 +192,13 @@ def _convert(name: str, value: Any, origin: str) -> Any:
         return list(items)
     if typing.get_origin(kind) is dict:
         if isinstance(value, list):  # NAME=WEIGHT items from the command line
-            pairs = {}
+            pairs: dict[str, str] = {}
             for item in value:
                 key, sep, number = str(item).partition("=")
                 if not sep or not key:
                     raise fail("NAME=NUMBER items")
                 pairs[key] = number
-            value = pairs
+            value = pairs  # type: ignore[assignment]  # converted below
         if not isinstance(value, dict):
             raise fail("a mapping of names to numbers")
         out = {}

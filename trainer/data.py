@@ -59,14 +59,14 @@ class Example:
     prompt: str | None = None
 
 
-def _optional_string(record: dict[str, Any], name: str, where: Where) -> str | None:
+def _optional_string(record: dict[str, Any], name: str, where: FileLine) -> str | None:
     value = record.get(name)
     if value is not None and not isinstance(value, str):
         raise DataError(where, f"expected a string, got {type(value).__name__}", name)
     return value
 
 
-def parse_example(record: dict[str, Any], where: Where) -> Example:
+def parse_example(record: dict[str, Any], where: FileLine) -> Example:
     """Validate a training record; raise DataError naming the field otherwise."""
     source = _optional_string(record, "source", where)
     if source is not None and not source.strip():

@@ -40,7 +40,7 @@ class RngState:
         devices = [self.device] if self.device is not None else []
         with torch.random.fork_rng(devices=devices):
             torch.set_rng_state(self.cpu)
-            if self.device is not None:
+            if self.device is not None and self.cuda is not None:
                 torch.cuda.set_rng_state(self.cuda, self.device)
             yield
 

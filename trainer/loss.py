@@ -130,7 +130,7 @@ def _mask(
     if margin is not None:
         reference = scores if guide is None else guide[0][start:end] @ guide[1].T
         mask = reference > (reference[rows, pos] - margin)[:, None]
-    if masked_queries is not None and len(masked_queries):
+    if masked_queries is not None and masked_columns is not None and len(masked_queries):
         inside = (masked_queries >= start) & (masked_queries < end)
         if inside.any():
             if mask is None:

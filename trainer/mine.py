@@ -25,11 +25,13 @@ from tqdm.auto import tqdm
 from peg_rag.core.beir import corpus_text
 from peg_rag.core.encoding import Encoder
 from peg_rag.core.files import atomic_writer
-from peg_rag.core.records import read_jsonl
+from peg_rag.core.records import FileLine, read_jsonl
 from peg_rag.retrieval.topk import top_k
 
 from .data import Example, parse_example
 from .mine_options import MiningOptions
+
+DEFAULT_OPTIONS = MiningOptions()
 
 __all__ = ["MiningOptions", "MiningStats", "check_output", "mine_file", "mine_negatives"]
 
@@ -88,7 +90,7 @@ def encode_queries(encoder: Encoder, examples: Sequence[Example]) -> tuple[np.nd
     if plain:
         vectors[plain] = encoder.encode([keys[i][1] for i in plain], "query")
     if prompted:
-        vectors[prompted] = encoder.encode([keys[i][0] + keys[i][1] for i in prompted], None)
+        vectors[prompted] = encoder.encode([f"{keys[i][0]}{keys[i][1]}" for i in prompted], None)
     return vectors, np.array([row[(e.prompt, e.query)] for e in examples], dtype=np.int64)
 
 
@@ -162,7 +164,7 @@ def mine_negatives(
     encoder: Encoder,
     examples: Sequence[Example],
     pool: Sequence[str],
-    options: MiningOptions = MiningOptions(),
+    options: MiningOptions = DEFAULT_OPTIONS,
     *,
     show_progress_bar: bool = False,
 ) -> tuple[list[list[str]], MiningStats]:
@@ -208,7 +210,7 @@ def mine_file(
     target: str | Path,
     *,
     corpus: Sequence[str | Path] = (),
-    options: MiningOptions = MiningOptions(),
+    options: MiningOptions = DEFAULT_OPTIONS,
     overwrite: bool = False,
     show_progress_bar: bool = False,
 ) -> MiningStats:
@@ -222,7 +224,7 @@ def mine_file(
     source, target = Path(source), Path(target)
     check_output(source, target, overwrite=overwrite)
 
-    def parse(record: dict[str, Any], where: Where) -> tuple[dict[str, Any], Example]:
+    def parse(record: dict[str, Any], where: FileLine) -> tuple[dict[str, Any], Example]:
         return record, parse_example(record, where)
 
     lines = list(read_jsonl(source, parse))

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from peg_rag.core.extras import MissingExtraError
 from peg_rag.core.model_files import ModelNotFoundError, resolve_model_dir
 
 from .kb_model import Recipe, train_kb_model
@@ -65,7 +66,12 @@ def fallback_model(cache: Path, recipe: Recipe, out: Print) -> Path:
     )
     started = time.perf_counter()
     pairs = [(d.metadata.get("title", ""), d.text) for d in documents]
-    train_kb_model(pairs, target, recipe)
+    try:
+        train_kb_model(pairs, target, recipe)
+    except MissingExtraError as exc:
+        raise MissingExtraError(
+            f"the offline fallback model is trained on the spot, and {exc}; or give --model"
+        ) from exc
     out(f"Fallback model trained in {time.perf_counter() - started:.0f} s: {target}")
     return target
 

@@ -18,14 +18,14 @@ class RetrievalSet:
     qrels: dict[str, dict[str, int]]
 
 
-def _id(record: dict, where: Where) -> str:
+def _id(record: dict, where: FileLine) -> str:
     value = record.get("_id", record.get("id"))
     if value is None or str(value) == "":
         raise DataError(where, "missing", "_id")
     return str(value)
 
 
-def corpus_text(record: dict, where: Where) -> str:
+def corpus_text(record: dict, where: FileLine) -> str:
     """BEIR joins a document's title and text with a space; either may be empty, not both."""
     title = record.get("title") or ""
     text = record.get("text") or ""

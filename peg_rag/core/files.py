@@ -30,7 +30,7 @@ def atomic_writer(target: Path, mode: str = "w") -> Iterator[IO[Any]]:
     renamed onto ``target``, on error it is removed and ``target`` is untouched."""
     tmp = temp_sibling(Path(target))
     try:
-        with open(tmp, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as handle:
+        with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())

@@ -9,8 +9,8 @@ if TYPE_CHECKING:
     from .bm25 import BM25Index, ChineseTokenizer
     from .chunker import Chunker
     from .evaluate import evaluate_folder, evaluate_sets, load_sets, markdown_table
-    from .hybrid import AddReport, HybridRetriever, RetrievalResult
     from .filters import validate_filter
+    from .hybrid import AddReport, HybridRetriever, RetrievalResult
     from .index_files import InconsistentIndexError, is_index
     from .settings import HybridSettings
     from .store import ChromaStore, VectorStore

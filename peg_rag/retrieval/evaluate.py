@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -111,7 +111,7 @@ def run_queries(
 
 
 def hybrid_runs(
-    encoder: Encoder, data: RetrievalSet, methods: Sequence[str], depth: int = RANK_DEPTH
+    encoder: Encoder, data: RetrievalSet, methods: Sequence[Method], depth: int = RANK_DEPTH
 ) -> dict[str, dict[str, list[str]]]:
     """Runs of "bm25" and/or "hybrid" from a HybridRetriever over the whole documents.
 
@@ -161,7 +161,7 @@ def score_set(
     if not isinstance(data, RetrievalSet):
         return {"dense": {"spearman": pair_spearman(encoder, data)}} if "dense" in methods else {}
     runs = {"dense": dense_run(encoder, data)} if "dense" in methods else {}
-    indexed = [m for m in methods if m != "dense"]
+    indexed = cast(list[Method], [m for m in methods if m != "dense"])  # checked above
     if indexed:
         runs.update(hybrid_runs(encoder, data, indexed))
     return {m: retrieval_scores(runs[m], data.qrels) for m in methods}
