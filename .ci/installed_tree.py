@@ -18,13 +18,14 @@ import tomllib
 REPO = Path(__file__).resolve().parents[1]
 
 
-def lay_out(dest: Path) -> None:
-    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+def lay_out(dest: Path, repo: Path = REPO) -> None:
+    """Copy the packages of the checkout ``repo`` into ``dest``."""
+    config = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]
     roots = config["package-dir"]
     for package in config["packages"]:
         # The longest mapped prefix decides the folder, as setuptools does.
         root = max((p for p in roots if package == p or package.startswith(p + ".")), key=len)
-        source = REPO / roots[root] / Path(*package.split(".")[len(root.split(".")) :])
+        source = repo / roots[root] / Path(*package.split(".")[len(root.split(".")) :])
         target = dest / Path(*package.split("."))
         target.mkdir(parents=True, exist_ok=True)
         for file in source.glob("*.py"):
