@@ -148,10 +148,10 @@ def test_sigkill_during_checkpoint_write_resumes_from_the_previous_one(workspace
         import os, signal, sys
         from peg_rag.trainer import checkpoint, make_config, train
         write_json = checkpoint.write_json
-        def dying(path, value):
+        def dying(path, value, **kwargs):
             if ".tmp-checkpoint-4" in str(path):
                 os.kill(os.getpid(), signal.SIGKILL)
-            write_json(path, value)
+            write_json(path, value, **kwargs)
         checkpoint.write_json = dying
         train(make_config({config!r}))
     """)

@@ -15,11 +15,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from peg_rag.core.encoding import Kind
+
 from .data import Batch
 
 # (kind, text): kind is "query", "passage", or None for a query carrying its own prompt.
 Key = tuple[str | None, str]
-Tokenize = Callable[[Sequence[str], str | None], tuple[list[list[int]], int]]
+Tokenize = Callable[[Sequence[str], Kind | None], tuple[list[list[int]], int]]
 
 
 @dataclass

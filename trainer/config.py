@@ -194,11 +194,11 @@ def _convert(name: str, value: Any, origin: str) -> Any:
         if isinstance(value, list):  # NAME=WEIGHT items from the command line
             pairs: dict[str, str] = {}
             for item in value:
-                key, sep, number = str(item).partition("=")
-                if not sep or not key:
+                source, sep, weight = str(item).partition("=")
+                if not sep or not source:
                     raise fail("NAME=NUMBER items")
-                pairs[key] = number
-            value = pairs  # type: ignore[assignment]  # converted below
+                pairs[source] = weight
+            value = pairs
         if not isinstance(value, dict):
             raise fail("a mapping of names to numbers")
         out = {}

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from array import array
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -346,7 +346,7 @@ class TrainData:
 
     def batches(
         self, state: dict[str, Any], prepare: Callable[[Batch], T]
-    ) -> Iterator[tuple[T, Batch, dict[str, Any]]]:
+    ) -> Generator[tuple[T, Batch, dict[str, Any]], None, None]:
         """Endless ``(prepare(batch), batch, state_after)``, one batch built ahead in a thread."""
 
         def build(at: dict[str, Any]) -> tuple[T, Batch, dict[str, Any]]:
