@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
-from peg_rag.core import Encoder, PEGEncoder
+from peg_rag.core import Encoder, PEGEncoder, vector_settings
 from peg_rag.core.deprecation import renamed
 
 DEFAULT_MODEL = "TownsWu/PEG"
@@ -48,14 +48,7 @@ def load_encoder(model_name: str, encoder: Encoder | None, options: dict[str, An
 
 def encoder_options(encoder: Encoder) -> dict[str, Any]:
     """The loading options that reproduce a loaded encoder, for the wrappers' fields."""
-    return {
-        "pooling": encoder.pooling,
-        "normalize": encoder.normalize,
-        "query_prompt": encoder.query_prompt,
-        "passage_prompt": encoder.passage_prompt,
-        "max_length": encoder.max_length,
-        **encoder.load_options,
-    }
+    return {**vector_settings(encoder), **encoder.load_options}
 
 
 class EncoderRunner:

@@ -45,3 +45,17 @@ def test_the_command_line_reports_a_missing_extra_in_one_line(tmp_path):
         "peg-rag train: error: peg-rag's trainer needs accelerate, which is not installed: "
         'pip install "peg-rag[train]"'
     ]
+
+
+def test_the_demo_fallback_says_it_needs_the_train_extra(tmp_path):
+    probe = (
+        "import sys\nsys.modules['accelerate'] = None\nfrom pathlib import Path\n"
+        "from peg_rag.apps.kb_model import QUICK\n"
+        "from peg_rag.apps.model_choice import fallback_model\n"
+        f"fallback_model(Path({str(tmp_path)!r}), QUICK, out=lambda line: None)"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert "the offline fallback model is trained on the spot" in last
+    assert 'pip install "peg-rag[train]"' in last and "give --model" in last

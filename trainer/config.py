@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from peg_rag.core.deprecation import warn_renamed
-from peg_rag.core.model_files import POOLING_MODES
+from peg_rag.core.encoding import POOLING_MODES
 
 DESCRIPTION = (
     "Fine-tune an embedding model on query/pos/neg JSONL with in-batch and hard negatives, "
@@ -329,7 +329,7 @@ def validate(config: TrainConfig, origins: dict[str, str] | None = None) -> None
         value = getattr(config, name)
         if value is not None and value not in choices:
             raise bad(name, f"must be one of {', '.join(choices)}, got {value!r}")
-    from .progressive import WEIGHTINGS
+    from .progressive import WEIGHTINGS  # here: it imports torch, and the CLI imports config
 
     if config.weighting not in WEIGHTINGS:
         raise bad("weighting", f"must be one of {', '.join(WEIGHTINGS)}, got {config.weighting!r}")

@@ -6,8 +6,7 @@ import argparse
 
 from peg_rag import core
 from peg_rag.core.deprecation import renamed
-from peg_rag.core.encoding import DEFAULT_BATCH_SIZE, DTYPES
-from peg_rag.core.model_files import POOLING_MODES
+from peg_rag.core.encoding import DEFAULT_BATCH_SIZE, DTYPES, POOLING_MODES
 
 
 def add_runtime_arguments(group: argparse._ArgumentGroup, what: str = "texts") -> None:

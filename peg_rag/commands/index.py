@@ -20,7 +20,6 @@ from tqdm.auto import tqdm
 from peg_rag import retrieval
 from peg_rag.core.documents import Document, find_files, read_documents, source_name
 from peg_rag.core.files import read_json, write_json
-from peg_rag.retrieval.index_files import is_index
 from peg_rag.retrieval.settings import CHUNK_UNITS, HybridSettings
 
 from .common import add_encoder_arguments, load_encoder
@@ -76,7 +75,7 @@ def _file_hash(path: Path) -> str:
 
 
 def _open_index(args: argparse.Namespace) -> retrieval.HybridRetriever:
-    if is_index(args.index_dir):
+    if retrieval.is_index(args.index_dir):
         retriever = retrieval.HybridRetriever.load(
             args.index_dir,
             device=args.device,
@@ -112,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     files = find_files(args.paths)
     sources_path = args.index_dir / SOURCES_FILE
     known: dict[str, str] = {}
-    if is_index(args.index_dir) and sources_path.is_file():
+    if retrieval.is_index(args.index_dir) and sources_path.is_file():
         known = read_json(sources_path)
     changed = {}
     for path in files:
@@ -120,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
         digest = _file_hash(path)
         if known.get(source) != digest:
             changed[source] = (path, digest)
-    if not changed and is_index(args.index_dir):
+    if not changed and retrieval.is_index(args.index_dir):
         print(f"{len(files)} files, all unchanged since the last run: nothing to do")
         return 0
     retriever = _open_index(args)

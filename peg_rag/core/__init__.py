@@ -11,10 +11,10 @@ from .lazy import lazy_exports
 if TYPE_CHECKING:
     from .documents import Document
     from .encoder import PEGEncoder
-    from .encoding import Encoder
+    from .encoding import Encoder, vector_settings
     from .model_files import ModelNotFoundError
 
-__all__ = ["Document", "Encoder", "ModelNotFoundError", "PEGEncoder"]
+__all__ = ["Document", "Encoder", "ModelNotFoundError", "PEGEncoder", "vector_settings"]
 __getattr__, __dir__ = lazy_exports(
     globals(),
     {
@@ -22,5 +22,6 @@ __getattr__, __dir__ = lazy_exports(
         "Encoder": ".encoding",
         "ModelNotFoundError": ".model_files",
         "PEGEncoder": ".encoder",
+        "vector_settings": ".encoding",
     },
 )

@@ -15,9 +15,8 @@ from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel
 
 from .deprecation import renamed, warn_renamed
-from .encoding import DEFAULT_BATCH_SIZE, DTYPES, Kind, check_texts
+from .encoding import DEFAULT_BATCH_SIZE, DTYPES, POOLING_MODES, Kind, check_texts
 from .model_files import (
-    POOLING_MODES,
     STSettings,
     model_name,
     read_st_settings,

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 Kind = Literal["query", "passage"]
 DEFAULT_BATCH_SIZE = 32  # texts per forward pass
 DTYPES = ("float32", "bfloat16", "float16")
+POOLING_MODES = ("cls", "mean")
 
 
 def check_texts(texts: Sequence[str]) -> None:
@@ -73,3 +74,15 @@ class Encoder(Protocol):
     def encode_queries(self, texts: Sequence[str], **kwargs: Any) -> np.ndarray: ...
 
     def encode_passages(self, texts: Sequence[str], **kwargs: Any) -> np.ndarray: ...
+
+
+def vector_settings(encoder: Encoder) -> dict[str, Any]:
+    """The settings that decide an encoder's vectors (with its model): saved with an index,
+    shown by the framework wrappers."""
+    return {
+        "pooling": encoder.pooling,
+        "normalize": encoder.normalize,
+        "query_prompt": encoder.query_prompt,
+        "passage_prompt": encoder.passage_prompt,
+        "max_length": encoder.max_length,
+    }

@@ -11,9 +11,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .files import read_json, write_json
+from huggingface_hub import snapshot_download
 
-POOLING_MODES = ("cls", "mean")
+from .files import read_json, write_json
 
 # Files worth fetching from the hub: configs, tokenizer, weights and ST module configs.
 _HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.safetensors", "1_Pooling/*"]
@@ -47,8 +47,6 @@ def resolve_model_dir(name_or_path: str | os.PathLike[str]) -> Path:
             )
         return path
     name = str(name_or_path)
-    from huggingface_hub import snapshot_download
-
     try:
         local = Path(snapshot_download(name, allow_patterns=_HUB_PATTERNS))
         if not any(local.glob("*.safetensors")):  # older repos ship only PyTorch weights

@@ -21,12 +21,16 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import bm25s
+import jieba
 import numpy as np
+from tqdm.auto import tqdm
 
 from peg_rag.core.files import read_json, write_json
 from peg_rag.core.text import normalize_width
 
 logger = logging.getLogger("peg_rag")
+jieba.setLogLevel(logging.WARNING)  # no "Building prefix dict" lines on every start
 
 FORMAT_VERSION = 1
 _TOKENIZER_FILE = "tokenizer.json"
@@ -69,10 +73,7 @@ def read_user_dict(path: str | os.PathLike[str]) -> list[list[Any]]:
 _SEGMENTERS: dict[str, Any] = {}
 
 
-def _new_segmenter(user_words: list[list[Any]]):
-    import jieba
-
-    jieba.setLogLevel(logging.WARNING)
+def _new_segmenter(user_words: list[list[Any]]) -> jieba.Tokenizer:
     segmenter = jieba.Tokenizer()
     if user_words and "[]" in _SEGMENTERS:
         # Start from the loaded default dictionary instead of reading it again.
@@ -223,8 +224,6 @@ class BM25Index:
         return self._row[item]
 
     def tokenize_many(self, texts: Sequence[str], show_progress: bool = False) -> list[list[str]]:
-        from tqdm.auto import tqdm
-
         return [
             self.tokenizer(t) for t in tqdm(texts, desc="BM25 tokenize", disable=not show_progress)
         ]
@@ -264,8 +263,6 @@ class BM25Index:
     def _built(self):
         """The bm25s model over the current rows, rebuilt when stale."""
         if self._model is None:
-            import bm25s
-
             # bm25s sets its own logger to DEBUG, which floods any INFO-level setup.
             logging.getLogger("bm25s").setLevel(logging.WARNING)
             self._prune_vocab()
@@ -346,8 +343,6 @@ class BM25Index:
     @classmethod
     def load(cls, directory: str | os.PathLike[str]) -> BM25Index:
         """Read an index written by :meth:`save`, score matrix included (no rebuild)."""
-        import bm25s
-
         path = Path(directory)
         config = read_json(path / _INDEX_FILE)
         if config.get("format_version") != FORMAT_VERSION:

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from peg_rag.core.encoding import Encoder
+from peg_rag.core.encoding import Encoder, vector_settings
 from peg_rag.core.files import read_json, write_json, write_text
 
 from .bm25 import BM25Index
@@ -70,15 +70,7 @@ def is_index(path: str | os.PathLike[str]) -> bool:
 
 def encoder_record(encoder: Encoder) -> dict[str, Any]:
     """How to load the same encoder again, and what its vectors look like."""
-    return {
-        "model": encoder.name_or_path,
-        "pooling": encoder.pooling,
-        "normalize": encoder.normalize,
-        "query_prompt": encoder.query_prompt,
-        "passage_prompt": encoder.passage_prompt,
-        "max_length": encoder.max_length,
-        "dim": encoder.dim,
-    }
+    return {"model": encoder.name_or_path, **vector_settings(encoder), "dim": encoder.dim}
 
 
 def probe_vector(encoder: Encoder) -> list[float]:

@@ -11,7 +11,9 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
+import chromadb
 import numpy as np
+from chromadb.config import Settings
 
 from .filters import Where
 
@@ -85,8 +87,6 @@ class ChromaStore:
     @staticmethod
     def _settings():
         """Client settings: no anonymized telemetry, so nothing leaves the machine."""
-        from chromadb.config import Settings
-
         return Settings(anonymized_telemetry=False)
 
     @classmethod
@@ -94,8 +94,6 @@ class ChromaStore:
         cls, path: str | os.PathLike[str], collection: str = "chunks", **kwargs
     ) -> ChromaStore:
         """Embedded Chroma (``chromadb.PersistentClient``) stored under ``path``."""
-        import chromadb
-
         # Absolute: chromadb caches clients per path string, so a relative path could
         # reach another directory's database after a chdir.
         path = os.path.abspath(path)
@@ -114,8 +112,6 @@ class ChromaStore:
         **kwargs,
     ) -> ChromaStore:
         """A Chroma server (``chromadb.HttpClient``), e.g. one started with ``chroma run``."""
-        import chromadb
-
         client = chromadb.HttpClient(
             host=host, port=port, ssl=ssl, headers=headers, settings=cls._settings()
         )
@@ -125,8 +121,6 @@ class ChromaStore:
     @classmethod
     def ephemeral(cls, collection: str = "chunks", **kwargs) -> ChromaStore:
         """In-memory Chroma: nothing is written to disk (tests, one-off evaluations)."""
-        import chromadb
-
         client = chromadb.EphemeralClient(settings=cls._settings())
         # Ephemeral clients in one process share a backend; a unique name keeps them apart.
         name = f"{collection}-{os.getpid()}-{id(client):x}"
