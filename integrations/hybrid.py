@@ -19,6 +19,8 @@ RETRIEVAL_KEYS = (
     "dense_rank",
     "bm25_score",
     "bm25_rank",
+    "rerank_score",
+    "rerank_rank",
 )
 
 EncoderLike = Encoder | str | os.PathLike[str] | Any
@@ -87,4 +89,6 @@ def result_metadata(result: RetrievalResult) -> dict[str, Any]:
         "dense_rank": result.ranks["dense"],
         "bm25_score": result.scores["bm25"],
         "bm25_rank": result.ranks["bm25"],
+        "rerank_score": result.scores["rerank"],
+        "rerank_rank": result.ranks["rerank"],
     }

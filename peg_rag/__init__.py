@@ -13,9 +13,11 @@ if TYPE_CHECKING:
     from peg_rag.core.encoder import PEGEncoder
     from peg_rag.core.encoding import Encoder
     from peg_rag.core.model_files import ModelNotFoundError
+    from peg_rag.core.reranker import Reranker
     from peg_rag.retrieval.bm25 import ChineseTokenizer
-    from peg_rag.retrieval.hybrid import HybridRetriever, RetrievalResult
+    from peg_rag.retrieval.hybrid import HybridRetriever
     from peg_rag.retrieval.index_files import InconsistentIndexError
+    from peg_rag.retrieval.results import RetrievalResult
     from peg_rag.retrieval.store import ChromaStore, VectorStore
 
 __version__ = "0.1.0"
@@ -28,6 +30,7 @@ __all__ = [
     "InconsistentIndexError",
     "ModelNotFoundError",
     "PEGEncoder",
+    "Reranker",
     "RetrievalResult",
     "VectorStore",
 ]
@@ -42,7 +45,8 @@ __getattr__, __dir__ = lazy_exports(
         "InconsistentIndexError": ".retrieval.index_files",
         "ModelNotFoundError": ".core.model_files",
         "PEGEncoder": ".core.encoder",
-        "RetrievalResult": ".retrieval.hybrid",
+        "Reranker": ".core.reranker",
+        "RetrievalResult": ".retrieval.results",
         "VectorStore": ".retrieval.store",
     },
 )

@@ -54,3 +54,13 @@ CHINESE_TEXTS = [
     "长城哪一段最适合徒步旅行",
     "个人所得税汇算清缴什么时候截止",
 ]
+
+
+def build_tiny_reranker(directory: Path, *, seed: int = 0) -> Path:
+    """A tiny BERT with a fresh one-logit head, saved as a cross-encoder in ``directory``."""
+    from peg_rag import Reranker
+
+    encoder_dir = build_tiny_model(directory.with_name(directory.name + "-encoder"), seed=seed)
+    torch.manual_seed(seed)
+    Reranker.from_pretrained(encoder_dir, new_head=True, device="cpu").save_pretrained(directory)
+    return directory

@@ -74,7 +74,7 @@ def test_results_carry_chunk_document_scores_and_ranks(tmp_path, encoder):
     texts = {d.id: d.text for d in DOCS}
     for r in results:
         assert texts[r.doc_id][r.start : r.end] == r.text
-        assert set(r.ranks) == set(r.scores) == {"dense", "bm25"}
+        assert set(r.ranks) == set(r.scores) == {"dense", "bm25", "rerank"}
         assert r.metadata == next(d.metadata for d in DOCS if d.id == r.doc_id)
     assert results[0].ranks["bm25"] == 1 and results[0].scores["bm25"] > 0
     assert json.loads(json.dumps(results[0].to_dict()))["doc_id"] == "yb"

@@ -13,15 +13,26 @@ if TYPE_CHECKING:
     from .encoder import PEGEncoder
     from .encoding import Encoder, vector_settings
     from .model_files import ModelNotFoundError
+    from .reranker import NotACrossEncoderError, Reranker
 
-__all__ = ["Document", "Encoder", "ModelNotFoundError", "PEGEncoder", "vector_settings"]
+__all__ = [
+    "Document",
+    "Encoder",
+    "ModelNotFoundError",
+    "NotACrossEncoderError",
+    "PEGEncoder",
+    "Reranker",
+    "vector_settings",
+]
 __getattr__, __dir__ = lazy_exports(
     globals(),
     {
         "Document": ".documents",
         "Encoder": ".encoding",
         "ModelNotFoundError": ".model_files",
+        "NotACrossEncoderError": ".reranker",
         "PEGEncoder": ".encoder",
+        "Reranker": ".reranker",
         "vector_settings": ".encoding",
     },
 )

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import logging
 import os
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
-from transformers import AutoModel, AutoTokenizer, PreTrainedModel
+from transformers import AutoModel, PreTrainedModel
 
+from . import torch_backend as backend
 from .deprecation import renamed, warn_renamed
-from .encoding import DEFAULT_BATCH_SIZE, DTYPES, POOLING_MODES, Kind, check_texts
+from .encoding import DEFAULT_BATCH_SIZE, POOLING_MODES, Kind, check_texts
 from .model_files import (
     STSettings,
     model_name,
@@ -24,9 +22,6 @@ from .model_files import (
     write_st_settings,
 )
 
-logger = logging.getLogger("peg_rag")
-_DTYPES = dict(zip(DTYPES, (torch.float32, torch.bfloat16, torch.float16), strict=True))
-
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch.Tensor:
     """Pool token states (batch, seq, dim) into one vector per text: [CLS] or masked mean."""
@@ -34,30 +29,6 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch
         return hidden[:, 0]
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-
-
-def _default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def _default_dtype(device: torch.device) -> torch.dtype:
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
-def _as_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    if dtype is None:
-        return _default_dtype(device)
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    return _DTYPES[dtype]
 
 
 class PEGEncoder:
@@ -142,30 +113,15 @@ class PEGEncoder:
         )
         model_dir = resolve_model_dir(name_or_path)
         found = read_st_settings(model_dir)
-        torch_device = torch.device(device) if device is not None else _default_device()
-        if quantize not in (None, "int8"):
-            raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
-        if quantize and torch_device.type != "cpu":
-            raise ValueError("quantize='int8' is a CPU optimization; use dtype on GPU")
-        torch_dtype = torch.float32 if quantize else _as_dtype(dtype, torch_device)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-        try:
-            model = AutoModel.from_pretrained(
-                model_dir,
-                dtype=torch_dtype,
-                attn_implementation="sdpa",
-                trust_remote_code=trust_remote_code,
-            )
-        except ValueError as exc:  # architectures without SDPA support
-            if "sdpa" not in str(exc).lower():
-                raise
-            model = AutoModel.from_pretrained(
-                model_dir, dtype=torch_dtype, trust_remote_code=trust_remote_code
-            )
-        model.eval().to(torch_device)
-        if quantize:
-            model = _quantize_int8(model)
-        limit = _position_limit(model, tokenizer)
+        model, tokenizer, load_options = backend.load(
+            model_dir,
+            AutoModel,
+            device=device,
+            dtype=dtype,
+            quantize=quantize,
+            trust_remote_code=trust_remote_code,
+        )
+        limit = backend.position_limit(model, tokenizer)
         length = max_length or min(found.max_length or limit, limit)
         if length > limit:
             raise ValueError(f"max_length={length} exceeds the model's limit of {limit} tokens")
@@ -181,12 +137,7 @@ class PEGEncoder:
             show_progress_bar=show_progress_bar,
             quantized=quantize is not None,
             name_or_path=model_name(name_or_path),
-            load_options={
-                "device": str(torch_device),
-                "dtype": str(torch_dtype).removeprefix("torch."),
-                "quantize": quantize,
-                "trust_remote_code": trust_remote_code,
-            },
+            load_options=load_options,
         )
 
     @property
@@ -248,17 +199,7 @@ class PEGEncoder:
 
     def collate(self, ids: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
         """Pad id lists to the longest one and move them to the model's device."""
-        width = max(len(row) for row in ids)
-        input_ids = np.full((len(ids), width), self.tokenizer.pad_token_id, dtype=np.int64)
-        mask = np.zeros((len(ids), width), dtype=np.int64)
-        for i, row in enumerate(ids):
-            input_ids[i, : len(row)] = row
-            mask[i, : len(row)] = 1
-        device = self.device
-        return {
-            "input_ids": torch.from_numpy(input_ids).to(device, non_blocking=True),
-            "attention_mask": torch.from_numpy(mask).to(device, non_blocking=True),
-        }
+        return backend.collate(ids, self.tokenizer.pad_token_id, self.device)
 
     def embed(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         """Differentiable forward: pooled (and normalized) float32 embeddings of a batch."""
@@ -281,32 +222,21 @@ class PEGEncoder:
         logs one warning with the count.
         """
         ids, truncated = self.tokenize(texts, kind)
-        if truncated:
-            logger.warning(
-                "%d of %d texts were longer than max_length=%d tokens and were truncated",
-                truncated,
-                len(ids),
-                self.max_length,
-            )
+        backend.warn_truncated(truncated, len(ids), self.max_length)
         out = np.empty((len(ids), self.dim), dtype=np.float32)
         if not ids:
             return out
-        size = batch_size or self.batch_size
-        # Longest first: similar lengths share a batch, so little padding is computed.
-        order = np.argsort([-len(row) for row in ids], kind="stable")
-        show = self.show_progress_bar if show_progress_bar is None else show_progress_bar
-        starts = range(0, len(order), size)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.inference_mode():
-                for start in tqdm(starts, desc="Encoding", unit="batch", disable=not show):
-                    index = order[start : start + size]
-                    batch = self.collate([ids[i] for i in index])
-                    out[index] = self.embed(batch).cpu().numpy()
-        finally:
-            self.model.train(was_training)
-        return out
+        return backend.run_sorted(
+            self.model,
+            [len(row) for row in ids],
+            batch_size or self.batch_size,
+            lambda index: self.embed(self.collate([ids[i] for i in index])),
+            out,
+            desc="Encoding",
+            show_progress_bar=(
+                self.show_progress_bar if show_progress_bar is None else show_progress_bar
+            ),
+        )
 
     def encode_queries(self, texts: Sequence[str], **kwargs) -> np.ndarray:
         """Encode search queries (with the query prompt)."""
@@ -338,25 +268,3 @@ class PEGEncoder:
         self.model.save_pretrained(path, safe_serialization=True)
         self.tokenizer.save_pretrained(path)
         write_st_settings(path, self.dim, self.settings())
-
-
-def _position_limit(model: PreTrainedModel, tokenizer) -> int:
-    limit = getattr(model.config, "max_position_embeddings", None) or 512
-    if getattr(model.config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
-        limit -= 2  # these reserve the first positions for padding
-    tokenizer_limit = getattr(tokenizer, "model_max_length", None)
-    if tokenizer_limit and tokenizer_limit < 1_000_000:
-        limit = min(limit, tokenizer_limit)
-    return int(limit)
-
-
-def _quantize_int8(model: PreTrainedModel) -> PreTrainedModel:
-    # fbgemm's VNNI kernels beat the default "x86" engine, which was up to 10x slower on
-    # short texts in benchmarks/encode_throughput.py. The engine is process-wide.
-    if "fbgemm" in torch.backends.quantized.supported_engines:
-        torch.backends.quantized.engine = "fbgemm"
-    with warnings.catch_warnings():  # torch marks eager dynamic quantization as deprecated
-        warnings.simplefilter("ignore")
-        from torch.ao.quantization import quantize_dynamic
-
-        return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)

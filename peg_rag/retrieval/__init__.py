@@ -10,8 +10,9 @@ if TYPE_CHECKING:
     from .chunker import Chunker
     from .evaluate import evaluate_folder, evaluate_sets, load_sets, markdown_table
     from .filters import validate_filter
-    from .hybrid import AddReport, HybridRetriever, RetrievalResult
+    from .hybrid import AddReport, HybridRetriever
     from .index_files import InconsistentIndexError, is_index
+    from .results import RetrievalResult
     from .settings import HybridSettings
     from .store import ChromaStore, VectorStore
 
@@ -44,7 +45,7 @@ __getattr__, __dir__ = lazy_exports(
         "HybridRetriever": ".hybrid",
         "HybridSettings": ".settings",
         "InconsistentIndexError": ".index_files",
-        "RetrievalResult": ".hybrid",
+        "RetrievalResult": ".results",
         "VectorStore": ".store",
         "evaluate_folder": ".evaluate",
         "evaluate_sets": ".evaluate",

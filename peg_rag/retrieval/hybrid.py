@@ -32,6 +32,7 @@ import numpy as np
 from peg_rag.core.documents import Document, as_document
 from peg_rag.core.encoder import PEGEncoder
 from peg_rag.core.encoding import Encoder
+from peg_rag.core.reranker import Reranker
 
 from . import filters as where_filters
 from .bm25 import BM25Index, ChineseTokenizer
@@ -53,6 +54,7 @@ from .index_files import (
     remove_stale_states,
     write_manifest,
 )
+from .results import STAGES, RetrievalResult, rerank
 from .settings import (
     FUSIONS,
     METHODS,
@@ -66,32 +68,6 @@ from .settings import (
 from .store import ChromaStore, VectorStore, open_store
 
 logger = logging.getLogger("peg_rag")
-
-
-@dataclass
-class RetrievalResult:
-    """One retrieved chunk.
-
-    ``id`` is the chunk id (``"<doc_id>#<n>"``), ``doc_id`` the source document's id,
-    ``start``/``end`` the chunk's character offsets in the document text, ``score`` the
-    fused score (the retriever's own score with ``method="dense"`` or ``"bm25"``), and
-    ``ranks``/``scores`` the 1-based rank and raw score each retriever gave
-    (None where the chunk was not among its candidates). Dense scores are cosine
-    similarities, BM25 scores are BM25 scores.
-    """
-
-    id: str
-    doc_id: str
-    text: str
-    metadata: dict[str, Any]
-    score: float
-    ranks: dict[str, int | None]
-    scores: dict[str, float | None]
-    start: int
-    end: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
@@ -144,8 +120,10 @@ class HybridRetriever:
         settings: HybridSettings,
         index_dir: Path | None,
         config: dict[str, Any],
+        reranker: Reranker | None = None,
     ) -> None:
         self.encoder = encoder
+        self.reranker = reranker
         self.store = store
         self.bm25 = bm25
         self.settings = settings
@@ -170,6 +148,7 @@ class HybridRetriever:
         k1: float = 1.2,
         b: float = 0.75,
         overwrite: bool = False,
+        reranker: Reranker | str | os.PathLike[str] | None = None,
         **settings: Any,
     ) -> HybridRetriever:
         """Start a new, empty hybrid index.
@@ -178,12 +157,16 @@ class HybridRetriever:
         ``index_dir=None`` keeps everything in memory (an ephemeral Chroma; nothing is
         written). ``store`` defaults to embedded Chroma in ``index_dir/chroma``; pass
         ``ChromaStore.http(...)`` for a Chroma server. ``tokenizer`` configures BM25
-        (user dictionary, stopwords...). Other keywords are :class:`HybridSettings`
-        fields (chunk_size, chunk_overlap, chunk_unit, fusion, weights, candidates...).
+        (user dictionary, stopwords...). ``reranker`` (a Reranker or a model name) becomes
+        the index's default second stage, recorded in its manifest. Other keywords are
+        :class:`HybridSettings` fields (chunk_size, chunk_overlap, chunk_unit, fusion,
+        weights, candidates, rerank_top_n...).
         """
         options = HybridSettings(**settings)
         if isinstance(encoder, (str, os.PathLike)):
             encoder = PEGEncoder.from_pretrained(encoder)
+        if isinstance(reranker, (str, os.PathLike)):
+            reranker = Reranker.from_pretrained(reranker)
         _make_chunker(options, encoder)  # reject bad chunking before touching the disk
         path = Path(index_dir) if index_dir is not None else None
         if path is not None:
@@ -218,9 +201,17 @@ class HybridRetriever:
             "settings": asdict(options),
             "store": description,
         }
+        if reranker is not None:
+            config["reranker"] = reranker.describe()
         bm25 = BM25Index(tokenizer or ChineseTokenizer(), k1=k1, b=b)
         retriever = cls(
-            encoder=encoder, store=store, bm25=bm25, settings=options, index_dir=path, config=config
+            encoder=encoder,
+            store=store,
+            bm25=bm25,
+            settings=options,
+            index_dir=path,
+            config=config,
+            reranker=reranker,
         )
         if path is not None:
             write_manifest(path, config)
@@ -235,6 +226,7 @@ class HybridRetriever:
         encoder: Encoder | None = None,
         store: VectorStore | None = None,
         repair: bool = False,
+        reranker: Reranker | str | os.PathLike[str] | bool | None = None,
         **encoder_options: Any,
     ) -> HybridRetriever:
         """Open an index directory; no other argument is needed.
@@ -244,6 +236,9 @@ class HybridRetriever:
         ``encoder_options`` (device, dtype, quantize, batch_size...) go to
         PEGEncoder.from_pretrained. Vectors are read from the store, never re-embedded,
         except for chunks the store lost when ``repair=True``.
+        ``reranker``: None loads the default one recorded at creation (if any), False runs
+        without one, a Reranker or a model name replaces it for this session; it loads with
+        the same ``device``, ``dtype`` and ``quantize`` as the encoder.
         """
         path = Path(index_dir)
         config = read_manifest(path)
@@ -261,6 +256,13 @@ class HybridRetriever:
         check_encoder(encoder, config, path)
         state, generation = current_state(path)
         bm25, chunks, docs = read_state(state)
+        if reranker is None and "reranker" in config:
+            reranker = config["reranker"]["model"]
+        if isinstance(reranker, (str, os.PathLike)):
+            runtime = ("device", "dtype", "quantize", "trust_remote_code")
+            reranker = Reranker.from_pretrained(
+                reranker, **{k: v for k, v in encoder_options.items() if k in runtime}
+            )
         retriever = cls(
             encoder=encoder,
             store=store or open_store(config["store"], base=path),
@@ -268,6 +270,7 @@ class HybridRetriever:
             settings=HybridSettings(**config["settings"]),
             index_dir=path,
             config=config,
+            reranker=reranker or None,
         )
         retriever._generation = generation
         retriever._chunks, retriever._docs = chunks, docs
@@ -466,13 +469,18 @@ class HybridRetriever:
         fusion: Fusion | None = None,
         weights: Mapping[str, float] | None = None,
         candidates: int | None = None,
+        reranker: Reranker | bool | None = None,
+        rerank_top_n: int | None = None,
     ) -> list[list[RetrievalResult]]:
-        """Retrieve for several queries at once (one encoder batch).
+        """Retrieve for several queries at once (one encoder batch, one reranker run).
 
         - ``filters``: a Chroma-style ``where`` on metadata (and ``doc_id``), applied to
           both retrievers (see :mod:`peg_rag.retrieval.filters`).
         - ``method``: "hybrid" (default), or "dense" / "bm25" alone.
         - ``fusion``, ``weights``, ``candidates``: override the index's defaults.
+        - ``reranker``: None uses the index's reranker (if it has one), False none, or a
+          Reranker for this call. The first stage's top ``rerank_top_n`` (default: the
+          index's, 30) are reranked and the best k returned.
 
         An empty or whitespace-only query, or a BM25 query made only of stopwords with
         ``method="bm25"``, gets an empty list.
@@ -486,7 +494,12 @@ class HybridRetriever:
         check_choice("fusion", fusion, FUSIONS)
         weights = dict(weights or self.settings.weights)
         check_weights(weights)
-        depth = max(k, candidates or self.settings.candidates)
+        stage = self.reranker if reranker is None else reranker or None
+        top_n = self.settings.rerank_top_n if rerank_top_n is None else rerank_top_n
+        if top_n < 1:
+            raise ValueError(f"rerank_top_n must be >= 1, got {top_n}")
+        first = max(k, top_n) if isinstance(stage, Reranker) else k
+        depth = max(first, candidates or self.settings.candidates)
         for i, query in enumerate(queries):
             if not isinstance(query, str):
                 raise TypeError(f"queries[{i}] is {type(query).__name__}, expected str")
@@ -504,10 +517,11 @@ class HybridRetriever:
                 mask = where_filters.mask(filters, self._filter_views()) if filters else None
                 for i in live:
                     lists["bm25"][i] = self.bm25.search(queries[i], depth, mask)
-        return [
-            self._results(lists["dense"][i], lists["bm25"][i], k, method, fusion, weights)
+        found = [
+            self._results(lists["dense"][i], lists["bm25"][i], first, method, fusion, weights)
             for i in range(len(queries))
         ]
+        return rerank(stage, queries, found, k) if isinstance(stage, Reranker) else found
 
     def _filter_views(self) -> list[dict[str, Any]]:
         if self._views is None:
@@ -549,8 +563,8 @@ class HybridRetriever:
                     text=chunk.text,
                     metadata=dict(chunk.metadata),
                     score=float(score),
-                    ranks={n: per[n][item][0] if item in per[n] else None for n in RETRIEVERS},
-                    scores={n: per[n][item][1] if item in per[n] else None for n in RETRIEVERS},
+                    ranks={n: per[n][item][0] if item in per.get(n, {}) else None for n in STAGES},
+                    scores={n: per[n][item][1] if item in per.get(n, {}) else None for n in STAGES},
                     start=chunk.start,
                     end=chunk.end,
                 )

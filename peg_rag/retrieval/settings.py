@@ -39,7 +39,8 @@ class HybridSettings:
     ``chunk_size`` counts encoder tokens (or characters with ``chunk_unit="char"``; 0 keeps
     documents whole); ``chunk_overlap`` defaults to an eighth of it.
     ``weights`` are per retriever (``dense``, ``bm25``); ``candidates`` is how many
-    results each retriever contributes to fusion. The defaults (relative-score fusion,
+    results each retriever contributes to fusion, and ``rerank_top_n`` how many fused
+    results a reranker (when there is one) reorders. The defaults (relative-score fusion,
     dense 0.7 / BM25 0.3, 100 candidates) were chosen once for all data sets; see the
     "Hybrid retrieval" section of benchmarks/RESULTS.md for the comparison.
     """
@@ -52,6 +53,7 @@ class HybridSettings:
     weights: dict[str, float] = field(default_factory=lambda: {"dense": 0.7, "bm25": 0.3})
     rrf_k: int = 60
     candidates: int = 100
+    rerank_top_n: int = 30
 
     def __post_init__(self) -> None:
         check_choice("chunk_unit", self.chunk_unit, CHUNK_UNITS)
@@ -68,5 +70,6 @@ class HybridSettings:
                 f"chunk_overlap must be in [0, chunk_size={self.chunk_size}), "
                 f"got {self.chunk_overlap}"
             )
-        if self.candidates < 1:
-            raise ValueError(f"candidates must be >= 1, got {self.candidates}")
+        for name in ("candidates", "rerank_top_n"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

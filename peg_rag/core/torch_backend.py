@@ -1,0 +1,171 @@
+"""The torch backend that PEGEncoder and Reranker share: load a transformers model for
+inference, pad token ids into batches, and run them longest first.
+
+Length-sorted batches keep padding small: similar lengths share a batch, so little padded
+compute is wasted, and the longest batch comes first, so a too-large batch fails at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, PreTrainedModel
+
+from .encoding import DTYPES
+
+logger = logging.getLogger("peg_rag")
+_DTYPES = dict(zip(DTYPES, (torch.float32, torch.bfloat16, torch.float16), strict=True))
+QUANTIZE = (None, "int8")
+
+
+def default_device() -> torch.device:
+    """CUDA, else Apple's MPS, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def as_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """The dtype asked for, else bf16 (fp16 without bf16 support) on GPU and fp32 elsewhere."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None:
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def load(
+    model_dir: Any,
+    auto_class: Any,
+    *,
+    device: str | torch.device | None,
+    dtype: str | torch.dtype | None,
+    quantize: str | None,
+    trust_remote_code: bool,
+    **model_kwargs: Any,
+) -> tuple[PreTrainedModel, Any, dict[str, Any]]:
+    """Model (``auto_class.from_pretrained``, SDPA attention where supported, in eval mode on
+    its device, int8 if asked), tokenizer, and the options that load them again."""
+    torch_device = torch.device(device) if device is not None else default_device()
+    if quantize not in QUANTIZE:
+        raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
+    if quantize and torch_device.type != "cpu":
+        raise ValueError("quantize='int8' is a CPU optimization; use dtype on GPU")
+    torch_dtype = torch.float32 if quantize else as_dtype(dtype, torch_device)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    options = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code, **model_kwargs}
+    try:
+        model = auto_class.from_pretrained(model_dir, attn_implementation="sdpa", **options)
+    except ValueError as exc:  # architectures without SDPA support
+        if "sdpa" not in str(exc).lower():
+            raise
+        model = auto_class.from_pretrained(model_dir, **options)
+    model.eval().to(torch_device)
+    if quantize:
+        model = quantize_int8(model)
+    return (
+        model,
+        tokenizer,
+        {
+            "device": str(torch_device),
+            "dtype": str(torch_dtype).removeprefix("torch."),
+            "quantize": quantize,
+            "trust_remote_code": trust_remote_code,
+        },
+    )
+
+
+def position_limit(model: PreTrainedModel, tokenizer: Any) -> int:
+    """The most tokens the model takes: its position embeddings, or less if the tokenizer says."""
+    limit = getattr(model.config, "max_position_embeddings", None) or 512
+    if getattr(model.config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
+        limit -= 2  # these reserve the first positions for padding
+    tokenizer_limit = getattr(tokenizer, "model_max_length", None)
+    if tokenizer_limit and tokenizer_limit < 1_000_000:
+        limit = min(limit, tokenizer_limit)
+    return int(limit)
+
+
+def quantize_int8(model: PreTrainedModel) -> PreTrainedModel:
+    """Dynamic int8 quantization of the Linear layers (CPU)."""
+    # fbgemm's VNNI kernels beat the default "x86" engine, which was up to 10x slower on
+    # short texts in benchmarks/encode_throughput.py. The engine is process-wide.
+    if "fbgemm" in torch.backends.quantized.supported_engines:
+        torch.backends.quantized.engine = "fbgemm"
+    with warnings.catch_warnings():  # torch marks eager dynamic quantization as deprecated
+        warnings.simplefilter("ignore")
+        from torch.ao.quantization import quantize_dynamic
+
+        return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def collate(
+    ids: Sequence[Sequence[int]],
+    pad_id: int,
+    device: torch.device,
+    token_types: Sequence[Sequence[int]] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Pad id lists to the longest one (and their token types, for text pairs) on ``device``."""
+    width = max(len(row) for row in ids)
+    arrays = {
+        "input_ids": np.full((len(ids), width), pad_id, dtype=np.int64),
+        "attention_mask": np.zeros((len(ids), width), dtype=np.int64),
+    }
+    if token_types is not None:
+        arrays["token_type_ids"] = np.zeros((len(ids), width), dtype=np.int64)
+    for i, row in enumerate(ids):
+        arrays["input_ids"][i, : len(row)] = row
+        arrays["attention_mask"][i, : len(row)] = 1
+        if token_types is not None:
+            arrays["token_type_ids"][i, : len(row)] = token_types[i]
+    return {k: torch.from_numpy(v).to(device, non_blocking=True) for k, v in arrays.items()}
+
+
+def warn_truncated(truncated: int, total: int, max_length: int, what: str = "texts") -> None:
+    """One warning per call that truncated anything: never silent."""
+    if truncated:
+        logger.warning(
+            "%d of %d %s were longer than max_length=%d tokens and were truncated",
+            truncated,
+            total,
+            what,
+            max_length,
+        )
+
+
+def run_sorted(
+    model: torch.nn.Module,
+    lengths: Sequence[int],
+    batch_size: int,
+    forward: Callable[[np.ndarray], torch.Tensor],
+    out: np.ndarray,
+    *,
+    desc: str,
+    show_progress_bar: bool,
+) -> np.ndarray:
+    """Fill ``out[index] = forward(index)`` over batches of indices, longest first, in eval
+    mode under ``torch.inference_mode`` (the model's training mode is restored after)."""
+    order = np.argsort([-n for n in lengths], kind="stable")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            starts = range(0, len(order), batch_size)
+            for start in tqdm(starts, desc=desc, unit="batch", disable=not show_progress_bar):
+                index = order[start : start + batch_size]
+                out[index] = forward(index).float().cpu().numpy()
+    finally:
+        model.train(was_training)
+    return out
