@@ -7,6 +7,9 @@ import argparse
 from peg_rag import core
 from peg_rag.core.deprecation import renamed
 from peg_rag.core.encoding import DEFAULT_BATCH_SIZE, DTYPES, POOLING_MODES
+from peg_rag.retrieval.settings import HybridSettings
+
+RERANK_TOP_N = HybridSettings().rerank_top_n
 
 
 def add_runtime_arguments(group: argparse._ArgumentGroup, what: str = "texts") -> None:
@@ -55,5 +58,31 @@ def load_encoder(args: argparse.Namespace, model: str | None = None) -> core.PEG
         batch_size=args.batch_size,
         trust_remote_code=args.trust_remote_code,
         quantize=args.quantize,
+        show_progress_bar=True,
+    )
+
+
+def add_reranker_arguments(parser: argparse.ArgumentParser, help_model: str) -> None:
+    """--reranker and --rerank-top-n (runtime: the encoder's --device, --dtype, --quantize)."""
+    group = parser.add_argument_group("reranking")
+    group.add_argument("--reranker", metavar="MODEL", help=help_model)
+    group.add_argument(
+        "--rerank-top-n",
+        type=int,
+        metavar="N",
+        help=f"first-stage results to rerank (default: the index's, {RERANK_TOP_N})",
+    )
+
+
+def load_reranker(args: argparse.Namespace) -> core.Reranker | None:
+    """The --reranker model, on the encoder's device, dtype and quantization; None if unset."""
+    if not args.reranker:
+        return None
+    return core.Reranker.from_pretrained(
+        args.reranker,
+        device=args.device,
+        dtype=args.dtype,
+        quantize=args.quantize,
+        batch_size=args.batch_size,
         show_progress_bar=True,
     )

@@ -10,7 +10,7 @@ from peg_rag import retrieval
 from peg_rag.core.files import write_text
 from peg_rag.retrieval.settings import METHODS
 
-from .common import add_encoder_arguments, load_encoder
+from .common import add_encoder_arguments, add_reranker_arguments, load_encoder, load_reranker
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -35,15 +35,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--output", type=Path, metavar="RESULTS.json", help="write JSON here")
     parser.add_argument("--markdown", type=Path, metavar="TABLE.md", help="write the table here")
     add_encoder_arguments(parser)
+    add_reranker_arguments(
+        parser, "also score hybrid retrieval followed by this cross-encoder (hybrid+rerank)"
+    )
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     sets = retrieval.load_sets(args.paths)  # bad input fails before the model loads
-    results = retrieval.evaluate_sets(load_encoder(args), sets, args.methods)
+    encoder = load_encoder(args)
+    reranker = load_reranker(args)
+    results = retrieval.evaluate_sets(
+        encoder, sets, args.methods, reranker=reranker, rerank_top_n=args.rerank_top_n
+    )
     table = retrieval.markdown_table(results)
     if args.output:
-        report = {"model": args.model, "scale": "fraction", "results": results}
+        report = {
+            "model": args.model,
+            "reranker": args.reranker,
+            "scale": "fraction",
+            "results": results,
+        }
         write_text(args.output, json.dumps(report, ensure_ascii=False, indent=2) + "\n")
     if args.markdown:
         write_text(args.markdown, table)

@@ -22,7 +22,7 @@ from peg_rag.core.documents import Document, find_files, read_documents, source_
 from peg_rag.core.files import read_json, write_json
 from peg_rag.retrieval.settings import CHUNK_UNITS, HybridSettings
 
-from .common import add_encoder_arguments, load_encoder
+from .common import add_encoder_arguments, load_encoder, load_reranker
 
 DEFAULTS = HybridSettings()
 SOURCES_FILE = "sources.json"  # file path -> sha256 of its bytes at the last index run
@@ -62,6 +62,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     chunking.add_argument(
         "--english-stopwords", action="store_true", help="also drop English stopwords in BM25"
     )
+    chunking.add_argument(
+        "--reranker",
+        metavar="MODEL",
+        help="record this cross-encoder as the index's default second stage",
+    )
+    chunking.add_argument(
+        "--rerank-top-n",
+        type=int,
+        default=DEFAULTS.rerank_top_n,
+        help="fused results the reranker reorders",
+    )
     add_encoder_arguments(parser, required=False)
     parser.set_defaults(run=run)
 
@@ -83,6 +94,7 @@ def _open_index(args: argparse.Namespace) -> retrieval.HybridRetriever:
             quantize=args.quantize,
             batch_size=args.batch_size,
             show_progress_bar=True,
+            reranker=False,  # indexing never reranks
         )
         saved = retriever.encoder_settings["model"]
         if args.model and args.model not in (saved, str(Path(args.model).resolve())):
@@ -104,6 +116,8 @@ def _open_index(args: argparse.Namespace) -> retrieval.HybridRetriever:
         chunk_overlap=args.chunk_overlap,
         chunk_unit=args.chunk_unit,
         normalize_width=args.normalize_width,
+        reranker=load_reranker(args),
+        rerank_top_n=args.rerank_top_n,
     )
 
 

@@ -12,7 +12,7 @@ from peg_rag import retrieval
 from peg_rag.core.records import DataError, FileLine, read_jsonl, text_field
 from peg_rag.retrieval.settings import FUSIONS, METHODS
 
-from .common import add_runtime_arguments
+from .common import add_reranker_arguments, add_runtime_arguments
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -42,6 +42,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help='metadata filter, e.g. \'{"source": "a.md"}\'',
     )
     add_runtime_arguments(parser.add_argument_group("encoder runtime"), "queries")
+    add_reranker_arguments(
+        parser, "rerank the fused results with this cross-encoder (default: the index's, if any)"
+    )
+    parser.add_argument(
+        "--no-rerank", action="store_true", help="skip the reranker the index records"
+    )
     parser.set_defaults(run=run)
 
 
@@ -64,7 +70,7 @@ def _print_text(query: str, results: list[retrieval.RetrievalResult]) -> None:
         title = f" {r.metadata['title']}" if "title" in r.metadata else ""
         parts = [
             f"{name} #{r.ranks[name]} {r.scores[name]:.4f}"
-            for name in ("dense", "bm25")
+            for name in ("dense", "bm25", "rerank")
             if r.ranks[name] is not None
         ]
         print(f"{rank:>3}. {r.score:.4f}  {r.id}  [{source}{title}]  ({', '.join(parts)})")
@@ -76,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("give either a query or --queries FILE.jsonl")
     if args.k < 1:
         raise ValueError(f"-k must be >= 1, got {args.k}")
+    if args.no_rerank and args.reranker:
+        raise ValueError("give --reranker or --no-rerank, not both")
     pairs = _read_queries(args.queries) if args.queries else [("", args.query)]
     retriever = retrieval.HybridRetriever.load(
         args.index_dir,
@@ -83,9 +91,15 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         quantize=args.quantize,
         batch_size=args.batch_size,
+        reranker=False if args.no_rerank else args.reranker,
     )
     found = retriever.retrieve_many(
-        [text for _, text in pairs], args.k, args.filter, method=args.method, fusion=args.fusion
+        [text for _, text in pairs],
+        args.k,
+        args.filter,
+        method=args.method,
+        fusion=args.fusion,
+        rerank_top_n=args.rerank_top_n,
     )
     if not args.queries:
         if args.json:

@@ -20,6 +20,7 @@ from peg_rag.core.beir import RetrievalSet, load_beir, load_pairs
 from peg_rag.core.documents import Document
 from peg_rag.core.encoding import Encoder
 from peg_rag.core.metrics import retrieval_scores, spearman
+from peg_rag.core.reranker import Reranker
 
 from .hybrid import HybridRetriever
 from .settings import METHODS, Method
@@ -65,6 +66,7 @@ def dense_run(
 Pairs = tuple[list[str], list[str], list[float]]  # as load_pairs returns them
 EvalSet = RetrievalSet | Pairs
 Results = dict[str, dict[str, dict[str, float]]]  # set name -> method -> metric -> score
+RERANKED = "hybrid+rerank"  # the run name of hybrid retrieval followed by a reranker
 
 
 def index_corpus(
@@ -92,18 +94,25 @@ def run_queries(
     *,
     k: int = 100,
     methods: Sequence[Method] = ("bm25", "dense", "hybrid"),
+    reranker: Reranker | None = None,
+    rerank_top_n: int | None = None,
     **options: Any,
 ) -> dict[str, dict[str, list[str]]]:
     """``{method: {query_id: [doc_id, ...]}}`` ranked best first, at most k per query.
 
-    ``options`` go to :meth:`HybridRetriever.retrieve_many` (fusion, weights, candidates).
-    A document with several chunks appears once, at its best chunk's rank.
+    With a ``reranker``, a ``"hybrid+rerank"`` run is added: the hybrid top
+    ``rerank_top_n`` reranked, then the rest of the hybrid top k. ``options`` go to
+    :meth:`HybridRetriever.retrieve_many` (fusion, weights, candidates). A document with
+    several chunks appears once, at its best chunk's rank.
     """
     ids, texts = list(queries), list(queries.values())
+    stages: dict[str, dict[str, Any]] = {m: {"method": m, "reranker": False} for m in methods}
+    if reranker is not None:
+        stages[RERANKED] = {"reranker": reranker, "rerank_top_n": rerank_top_n}
     runs: dict[str, dict[str, list[str]]] = {}
-    for method in methods:
-        results = retriever.retrieve_many(texts, k, method=method, **options)
-        runs[method] = {
+    for name, stage in stages.items():
+        results = retriever.retrieve_many(texts, k, **stage, **options)
+        runs[name] = {
             query_id: list(dict.fromkeys(r.doc_id for r in found))
             for query_id, found in zip(ids, results, strict=True)
         }
@@ -111,15 +120,20 @@ def run_queries(
 
 
 def hybrid_runs(
-    encoder: Encoder, data: RetrievalSet, methods: Sequence[Method], depth: int = RANK_DEPTH
+    encoder: Encoder,
+    data: RetrievalSet,
+    methods: Sequence[Method],
+    depth: int = RANK_DEPTH,
+    **rerank: Any,
 ) -> dict[str, dict[str, list[str]]]:
-    """Runs of "bm25" and/or "hybrid" from a HybridRetriever over the whole documents.
+    """Runs of "bm25" and/or "hybrid" from a HybridRetriever over the whole documents, and
+    "hybrid+rerank" when ``rerank`` holds a ``reranker`` (and ``rerank_top_n``).
 
     Its defaults apply (jieba BM25, relative-score fusion of BM25 with the dense store);
     the dense half searches the store's HNSW index, while ``dense_run`` is exact.
     """
     retriever = index_corpus(data.corpus, encoder)
-    return run_queries(retriever, judged_queries(data), k=depth, methods=methods)
+    return run_queries(retriever, judged_queries(data), k=depth, methods=methods, **rerank)
 
 
 def pair_spearman(encoder: Encoder, pairs: Pairs) -> float:
@@ -147,13 +161,17 @@ def load_set(path: str | Path) -> EvalSet:
 
 
 def score_set(
-    encoder: Encoder, data: EvalSet, methods: Sequence[str] = ("dense",)
+    encoder: Encoder,
+    data: EvalSet,
+    methods: Sequence[str] = ("dense",),
+    reranker: Reranker | None = None,
+    rerank_top_n: int | None = None,
 ) -> dict[str, dict[str, float]]:
     """Metrics of each method on one evaluation set: method -> metric -> fraction.
 
     A retrieval set gives ``ndcg@10``, ``mrr@10``, ``recall@10`` and ``recall@100`` per
-    method; a sentence-pair set gives the dense ``spearman`` only, since lexical methods
-    do not score pairs.
+    method, plus ``hybrid+rerank`` with a ``reranker``; a sentence-pair set gives the dense
+    ``spearman`` only, since lexical methods and rerankers do not score pairs.
     """
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -162,9 +180,12 @@ def score_set(
         return {"dense": {"spearman": pair_spearman(encoder, data)}} if "dense" in methods else {}
     runs = {"dense": dense_run(encoder, data)} if "dense" in methods else {}
     indexed = cast(list[Method], [m for m in methods if m != "dense"])  # checked above
-    if indexed:
-        runs.update(hybrid_runs(encoder, data, indexed))
-    return {m: retrieval_scores(runs[m], data.qrels) for m in methods}
+    if indexed or reranker is not None:
+        runs.update(
+            hybrid_runs(encoder, data, indexed, reranker=reranker, rerank_top_n=rerank_top_n)
+        )
+    names = [*methods, *([RERANKED] if reranker is not None else [])]
+    return {m: retrieval_scores(runs[m], data.qrels) for m in names}
 
 
 def evaluate_folder(encoder: Encoder, folder: str | Path) -> dict[str, float]:
@@ -196,9 +217,11 @@ def load_sets(paths: Sequence[str | Path]) -> dict[str, EvalSet]:
     return sets
 
 
-def evaluate_sets(encoder: Encoder, sets: dict[str, EvalSet], methods: Sequence[str]) -> Results:
-    """score_set for each named set."""
-    return {name: score_set(encoder, data, methods) for name, data in sets.items()}
+def evaluate_sets(
+    encoder: Encoder, sets: dict[str, EvalSet], methods: Sequence[str], **rerank: Any
+) -> Results:
+    """score_set for each named set (``rerank``: its reranker and rerank_top_n)."""
+    return {name: score_set(encoder, data, methods, **rerank) for name, data in sets.items()}
 
 
 COLUMNS = {

@@ -480,7 +480,8 @@ class HybridRetriever:
         - ``fusion``, ``weights``, ``candidates``: override the index's defaults.
         - ``reranker``: None uses the index's reranker (if it has one), False none, or a
           Reranker for this call. The first stage's top ``rerank_top_n`` (default: the
-          index's, 30) are reranked and the best k returned.
+          index's, 30) are reranked; with k larger than that, the rest follow in their
+          first-stage order (with no rerank rank or score).
 
         An empty or whitespace-only query, or a BM25 query made only of stopwords with
         ``method="bm25"``, gets an empty list.
@@ -521,7 +522,9 @@ class HybridRetriever:
             self._results(lists["dense"][i], lists["bm25"][i], first, method, fusion, weights)
             for i in range(len(queries))
         ]
-        return rerank(stage, queries, found, k) if isinstance(stage, Reranker) else found
+        if isinstance(stage, Reranker):
+            return rerank(stage, queries, found, top_n, k)
+        return found
 
     def _filter_views(self) -> list[dict[str, Any]]:
         if self._views is None:
