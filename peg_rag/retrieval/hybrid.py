@@ -270,7 +270,7 @@ class HybridRetriever:
             settings=HybridSettings(**config["settings"]),
             index_dir=path,
             config=config,
-            reranker=reranker or None,
+            reranker=reranker if isinstance(reranker, Reranker) else None,
         )
         retriever._generation = generation
         retriever._chunks, retriever._docs = chunks, docs
@@ -518,13 +518,13 @@ class HybridRetriever:
                 mask = where_filters.mask(filters, self._filter_views()) if filters else None
                 for i in live:
                     lists["bm25"][i] = self.bm25.search(queries[i], depth, mask)
-        found = [
+        fused = [
             self._results(lists["dense"][i], lists["bm25"][i], first, method, fusion, weights)
             for i in range(len(queries))
         ]
         if isinstance(stage, Reranker):
-            return rerank(stage, queries, found, top_n, k)
-        return found
+            return rerank(stage, queries, fused, top_n, k)
+        return fused
 
     def _filter_views(self) -> list[dict[str, Any]]:
         if self._views is None:
