@@ -2,9 +2,12 @@
 
     python examples/langchain_chat.py                     # the bundled sample KB, interactive
     python examples/langchain_chat.py docs/ -q "问题"       # one question over your own files
+    python examples/langchain_chat.py --reranker BAAI/bge-reranker-base     # a rerank stage
 
 Each turn retrieves for the question, numbers the passages in the system prompt and
 streams the chain's answer with [n] citations; earlier turns go in as chat history.
+With --reranker, the retriever's own rerank stage reorders the fused top candidates (no
+ContextualCompressionRetriever needed, which LangChain 1.x keeps in langchain-classic).
 The LLM: any OpenAI-compatible server named by $PEG_RAG_LLM_MODEL / _BASE_URL / _API_KEY
 (pip install "peg-rag[llm]"; see peg_rag/rag_chat.py); unset, answers are extractive.
 """
@@ -31,6 +34,7 @@ from peg_rag.apps.rag_chat import (
     extractive_answer,
     llm_from_env,
     load_chat_encoder,
+    load_chat_reranker,
     read_inputs,
     typed_questions,
 )
@@ -67,6 +71,7 @@ def sources_of(docs: Sequence[Document]) -> list[Source]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = chat_arguments(__doc__.splitlines()[0]).parse_args(argv)
     encoder = load_chat_encoder(args.model)
+    reranker = load_chat_reranker(args.reranker)
     documents = read_inputs(args.paths)
     retriever = PEGHybridRetriever.from_texts(
         [d.text for d in documents],
@@ -76,6 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         index_dir=args.index_dir,
         show_progress=True,
         k=args.k,
+        reranker=reranker,
         chunk_size=chunk_size_for(encoder, args.chunk_size),
     )
     llm = llm_from_env(chat_openai, "llm")

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Literal
 
-from peg_rag.core import Encoder
+from peg_rag.core import Encoder, Reranker
 from peg_rag.retrieval import HybridRetriever, RetrievalResult, is_index
 
 # Metadata keys a retrieved node/document gets besides its own metadata.
@@ -24,6 +24,8 @@ RETRIEVAL_KEYS = (
 )
 
 EncoderLike = Encoder | str | os.PathLike[str] | Any
+# A retriever's second stage: None for the index's own reranker (if any), False for none.
+RerankerChoice = Reranker | Literal[False] | None
 
 
 def as_encoder(encoder: EncoderLike) -> Encoder | str:
@@ -46,6 +48,7 @@ def open_hybrid(
     encoder: EncoderLike,
     index_dir: str | os.PathLike[str] | None = None,
     *,
+    reranker: RerankerChoice = None,
     show_progress: bool = False,
     **settings: Any,
 ) -> HybridRetriever:
@@ -54,10 +57,11 @@ def open_hybrid(
     With an ``index_dir`` that already holds an index, that index is loaded and the
     records are added to it: unchanged ones are skipped, changed ones replaced, and
     ``settings`` (chunking, fusion...) are those saved with it. Otherwise a new index is
-    created there (or in memory for ``index_dir=None``) with ``settings``.
+    created there (or in memory for ``index_dir=None``) with ``settings``. ``reranker``
+    only matters when loading (see :func:`load_hybrid`).
     """
     if index_dir is not None and is_index(index_dir):
-        retriever = load_hybrid(index_dir, encoder)
+        retriever = load_hybrid(index_dir, encoder, reranker)
     else:
         retriever = HybridRetriever.create(index_dir, as_encoder(encoder), **settings)
     retriever.add(records, show_progress=show_progress)
@@ -65,11 +69,17 @@ def open_hybrid(
 
 
 def load_hybrid(
-    index_dir: str | os.PathLike[str], encoder: EncoderLike | None = None
+    index_dir: str | os.PathLike[str],
+    encoder: EncoderLike | None = None,
+    reranker: RerankerChoice = None,
 ) -> HybridRetriever:
-    """Open a saved index; its own model is loaded unless an encoder (or wrapper) is given."""
+    """Open a saved index; its own model is loaded unless an encoder (or wrapper) is given,
+    and the reranker it records unless ``reranker`` replaces it (a Reranker) or drops it
+    (False), so that a reranker the caller overrides is never loaded for nothing."""
     model = as_encoder(encoder) if encoder is not None else None
-    return HybridRetriever.load(index_dir, encoder=model if isinstance(model, Encoder) else None)
+    return HybridRetriever.load(
+        index_dir, encoder=model if isinstance(model, Encoder) else None, reranker=reranker
+    )
 
 
 def result_id(retriever: HybridRetriever, result: RetrievalResult) -> str:

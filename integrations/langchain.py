@@ -1,4 +1,5 @@
-"""LangChain integration: ``PEGEmbeddings`` (Embeddings) and ``PEGHybridRetriever``.
+"""LangChain integration: ``PEGEmbeddings`` (Embeddings), ``PEGHybridRetriever`` and
+``PEGReranker`` (a document compressor).
 
 One line puts PEG into LangChain:
 ``Chroma(embedding_function=PEGEmbeddings(model_name="TownsWu/PEG"))``.
@@ -10,7 +11,7 @@ import asyncio
 import hashlib
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 from peg_rag.core.extras import require
@@ -19,17 +20,26 @@ require("langchain_core", "langchain", "peg_rag.integrations.langchain")
 from langchain_core.callbacks import (
     AsyncCallbackManagerForRetrieverRun,
     CallbackManagerForRetrieverRun,
+    Callbacks,
 )
-from langchain_core.documents import Document
+from langchain_core.documents import BaseDocumentCompressor, Document
 from langchain_core.embeddings import Embeddings
 from langchain_core.retrievers import BaseRetriever
 from pydantic import ConfigDict, Field, PrivateAttr, field_validator
 
-from peg_rag.core import Encoder
+from peg_rag.core import Encoder, Reranker
 from peg_rag.retrieval import HybridRetriever, validate_filter
 
 from .encoding import EncoderOptions, wrapper_name
-from .hybrid import EncoderLike, load_hybrid, open_hybrid, result_id, result_metadata
+from .hybrid import (
+    EncoderLike,
+    RerankerChoice,
+    load_hybrid,
+    open_hybrid,
+    result_id,
+    result_metadata,
+)
+from .reranking import RerankerOptions
 
 
 class PEGEmbeddings(EncoderOptions, Embeddings):
@@ -70,12 +80,15 @@ class PEGEmbeddings(EncoderOptions, Embeddings):
 class PEGHybridRetriever(BaseRetriever):
     """A LangChain retriever over :class:`peg_rag.HybridRetriever` (jieba BM25 + dense).
 
-    ``k`` and ``filters`` (a Chroma-style ``where`` dict, applied to both retrievers) are
-    set in the constructor and can be overridden per call:
-    ``retriever.invoke("问题", k=3, filters={"domain": "医保"})``. Each ``Document`` has
-    the id of its document (chunk_size=0) or chunk (``"<doc id>#<n>"``), and its metadata
-    holds ``doc_id``, ``chunk_id``, the fused ``score`` and ``dense_score``/``dense_rank``/
-    ``bm25_score``/``bm25_rank`` besides its own.
+    ``k``, ``filters`` (a Chroma-style ``where`` dict, applied to both retrievers),
+    ``reranker`` and ``rerank_top_n`` are set in the constructor and can be overridden per
+    call: ``retriever.invoke("问题", k=3, filters={"domain": "医保"})``. ``reranker`` is
+    the second stage: None uses the index's own (recorded by ``peg-rag index
+    --reranker``), False none, or a Reranker; it reorders the fused top ``rerank_top_n``
+    (default: the index's). Each ``Document`` has the id of its document (chunk_size=0) or
+    chunk (``"<doc id>#<n>"``), and its metadata holds ``doc_id``, ``chunk_id``, the final
+    ``score`` (the reranker's, when one ran) and ``dense_score``/``dense_rank``/
+    ``bm25_score``/``bm25_rank``/``rerank_score``/``rerank_rank`` besides its own.
 
     Build one with :meth:`from_texts`, :meth:`from_documents` or :meth:`from_index_dir`.
     """
@@ -86,6 +99,12 @@ class PEGHybridRetriever(BaseRetriever):
     k: int = Field(default=4, gt=0, description="How many documents to return.")
     filters: dict[str, Any] | None = Field(default=None, description="Chroma-style where.")
     method: Literal["hybrid", "dense", "bm25"] = "hybrid"
+    reranker: RerankerChoice = Field(
+        default=None, description="None: the index's reranker; False: none; or a Reranker."
+    )
+    rerank_top_n: int | None = Field(
+        default=None, gt=0, description="Fused results to rerank (default: the index's)."
+    )
 
     _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
 
@@ -108,6 +127,8 @@ class PEGHybridRetriever(BaseRetriever):
         show_progress: bool = False,
         k: int = 4,
         filters: dict[str, Any] | None = None,
+        reranker: RerankerChoice = None,
+        rerank_top_n: int | None = None,
         **settings: Any,
     ) -> PEGHybridRetriever:
         """Index texts (ids default to a hash of the text) and return a retriever.
@@ -129,8 +150,12 @@ class PEGHybridRetriever(BaseRetriever):
             {"id": i, "text": t, "metadata": m}
             for i, t, m in zip(ids, texts, metadatas, strict=True)
         )
-        hybrid = open_hybrid(records, encoder, index_dir, show_progress=show_progress, **settings)
-        return cls(hybrid=hybrid, k=k, filters=filters)
+        hybrid = open_hybrid(
+            records, encoder, index_dir, reranker=reranker, show_progress=show_progress, **settings
+        )
+        return cls(
+            hybrid=hybrid, k=k, filters=filters, reranker=reranker, rerank_top_n=rerank_top_n
+        )
 
     @classmethod
     def from_documents(
@@ -154,7 +179,7 @@ class PEGHybridRetriever(BaseRetriever):
 
         The model saved with the index is loaded unless ``encoder`` is given.
         """
-        return cls(hybrid=load_hybrid(index_dir, encoder), **kwargs)
+        return cls(hybrid=load_hybrid(index_dir, encoder, kwargs.get("reranker")), **kwargs)
 
     def _get_relevant_documents(
         self,
@@ -163,6 +188,8 @@ class PEGHybridRetriever(BaseRetriever):
         run_manager: CallbackManagerForRetrieverRun,
         k: int | None = None,
         filters: dict[str, Any] | None = None,
+        reranker: RerankerChoice = None,
+        rerank_top_n: int | None = None,
     ) -> list[Document]:
         with self._lock:  # one retrieval at a time: async callers share this object
             results = self.hybrid.retrieve(
@@ -170,6 +197,8 @@ class PEGHybridRetriever(BaseRetriever):
                 k=k or self.k,
                 filters=filters if filters is not None else self.filters,
                 method=self.method,
+                reranker=reranker if reranker is not None else self.reranker,
+                rerank_top_n=rerank_top_n or self.rerank_top_n,
             )
         return [
             Document(id=result_id(self.hybrid, r), page_content=r.text, metadata=result_metadata(r))
@@ -183,6 +212,8 @@ class PEGHybridRetriever(BaseRetriever):
         run_manager: AsyncCallbackManagerForRetrieverRun,
         k: int | None = None,
         filters: dict[str, Any] | None = None,
+        reranker: RerankerChoice = None,
+        rerank_top_n: int | None = None,
     ) -> list[Document]:
         return await asyncio.to_thread(
             self._get_relevant_documents,
@@ -190,7 +221,43 @@ class PEGHybridRetriever(BaseRetriever):
             run_manager=run_manager.get_sync(),
             k=k,
             filters=filters,
+            reranker=reranker,
+            rerank_top_n=rerank_top_n,
         )
+
+
+class PEGReranker(RerankerOptions, BaseDocumentCompressor):
+    """A LangChain document compressor that reranks documents with :class:`peg_rag.Reranker`.
+
+    Used like ``CrossEncoderReranker``, with the same default ``top_n=3``, typically in a
+    ``ContextualCompressionRetriever(base_compressor=PEGReranker(...),
+    base_retriever=...)``. It returns the ``top_n`` best documents, best first, as copies
+    whose metadata holds the reranker's score as ``relevance_score`` (as Cohere's, Jina's
+    and FlashRank's compressors do): a raw logit, or a sigmoid in [0, 1] with
+    ``normalize=True``.
+
+    ``model`` is a hub id or a local directory; ``max_length``, ``device``, ``dtype``,
+    ``quantize`` and ``trust_remote_code`` are Reranker's loading options. Pass
+    ``reranker=`` to reuse an already loaded Reranker instead. ``acompress_documents``
+    runs the model in a worker thread, so the event loop keeps running meanwhile.
+    """
+
+    top_n: int = Field(default=3, gt=0, description="Number of documents to return.")
+
+    def __init__(self, *, reranker: Reranker | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._start(reranker)
+
+    def compress_documents(
+        self, documents: Sequence[Document], query: str, callbacks: Callbacks | None = None
+    ) -> Sequence[Document]:
+        ranked = self._rerank(query, [d.page_content for d in documents], self.top_n)
+        return [
+            documents[i].model_copy(
+                update={"metadata": {**documents[i].metadata, "relevance_score": score}}
+            )
+            for i, score in ranked
+        ]
 
 
 def text_id(text: str) -> str:

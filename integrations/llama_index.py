@@ -1,4 +1,5 @@
-"""LlamaIndex integration: ``PEGEmbedding`` (an embed model) and ``PEGHybridRetriever``.
+"""LlamaIndex integration: ``PEGEmbedding`` (an embed model), ``PEGHybridRetriever`` and
+``PEGRerank`` (a node postprocessor).
 
 One line puts PEG into LlamaIndex: ``Settings.embed_model = PEGEmbedding("TownsWu/PEG")``.
 """
@@ -17,7 +18,10 @@ require("llama_index.core", "llama-index", "peg_rag.integrations.llama_index")
 from llama_index.core.base.base_retriever import BaseRetriever
 from llama_index.core.base.embeddings.base import BaseEmbedding, Embedding
 from llama_index.core.bridge.pydantic import Field
-from llama_index.core.callbacks import CallbackManager
+from llama_index.core.callbacks import CallbackManager, CBEventType, EventPayload
+from llama_index.core.instrumentation import get_dispatcher
+from llama_index.core.instrumentation.events.rerank import ReRankEndEvent, ReRankStartEvent
+from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import (
     BaseNode,
     Document,
@@ -30,18 +34,22 @@ from llama_index.core.schema import (
 )
 from llama_index.core.vector_stores.types import FilterCondition, FilterOperator, MetadataFilters
 
-from peg_rag.core import Encoder
+from peg_rag.core import Encoder, Reranker
 from peg_rag.retrieval import HybridRetriever, RetrievalResult, validate_filter
 
 from .encoding import EncoderOptions, wrapper_name
 from .hybrid import (
     RETRIEVAL_KEYS,
     EncoderLike,
+    RerankerChoice,
     load_hybrid,
     open_hybrid,
     result_id,
     result_metadata,
 )
+from .reranking import RerankerOptions
+
+dispatcher = get_dispatcher(__name__)
 
 
 class PEGEmbedding(EncoderOptions, BaseEmbedding):
@@ -137,7 +145,10 @@ class PEGHybridRetriever(BaseRetriever):
     ranks (kept out of what the LLM and the embedder see). With chunk_size=0 a document
     is its own node and keeps its id; otherwise nodes are chunks ``"<doc id>#<n>"`` with
     the document as their source. ``filters`` (``MetadataFilters`` or a Chroma-style
-    dict) apply to both retrievers.
+    dict) apply to both retrievers. ``reranker`` is the second stage: None uses the
+    index's own (recorded by ``peg-rag index --reranker``), False none, or a Reranker; it
+    reorders the fused top ``rerank_top_n`` (default: the index's), each node's score is
+    then the reranker's, and its metadata has ``rerank_rank`` and ``rerank_score``.
 
     Build one with :meth:`from_documents`, :meth:`from_nodes` or :meth:`from_index_dir`,
     or wrap an existing HybridRetriever.
@@ -150,16 +161,22 @@ class PEGHybridRetriever(BaseRetriever):
         similarity_top_k: int = 10,
         filters: MetadataFilters | Mapping[str, Any] | None = None,
         method: str = "hybrid",
+        reranker: RerankerChoice = None,
+        rerank_top_n: int | None = None,
         callback_manager: CallbackManager | None = None,
         verbose: bool = False,
     ) -> None:
         if similarity_top_k < 1:
             raise ValueError(f"similarity_top_k must be >= 1, got {similarity_top_k}")
+        if rerank_top_n is not None and rerank_top_n < 1:
+            raise ValueError(f"rerank_top_n must be >= 1, got {rerank_top_n}")
         super().__init__(callback_manager=callback_manager, verbose=verbose)
         self.hybrid = retriever
         self.similarity_top_k = similarity_top_k
         self.method = method
         self.filters = filters
+        self.reranker = reranker
+        self.rerank_top_n = rerank_top_n
         self._lock = threading.Lock()
 
     @property
@@ -184,6 +201,8 @@ class PEGHybridRetriever(BaseRetriever):
         similarity_top_k: int = 10,
         filters: MetadataFilters | Mapping[str, Any] | None = None,
         method: str = "hybrid",
+        reranker: RerankerChoice = None,
+        rerank_top_n: int | None = None,
         callback_manager: CallbackManager | None = None,
         **settings: Any,
     ) -> PEGHybridRetriever:
@@ -198,12 +217,16 @@ class PEGHybridRetriever(BaseRetriever):
             {"id": d.doc_id, "text": d.get_content(MetadataMode.NONE), "metadata": d.metadata}
             for d in documents
         )
-        hybrid = open_hybrid(records, encoder, index_dir, show_progress=show_progress, **settings)
+        hybrid = open_hybrid(
+            records, encoder, index_dir, reranker=reranker, show_progress=show_progress, **settings
+        )
         return cls(
             hybrid,
             similarity_top_k=similarity_top_k,
             filters=filters,
             method=method,
+            reranker=reranker,
+            rerank_top_n=rerank_top_n,
             callback_manager=callback_manager,
         )
 
@@ -232,7 +255,7 @@ class PEGHybridRetriever(BaseRetriever):
 
         The model saved with the index is loaded unless ``encoder`` is given.
         """
-        return cls(load_hybrid(index_dir, encoder), **kwargs)
+        return cls(load_hybrid(index_dir, encoder, kwargs.get("reranker")), **kwargs)
 
     def _node(self, result: RetrievalResult) -> NodeWithScore:
         node = TextNode(
@@ -254,8 +277,78 @@ class PEGHybridRetriever(BaseRetriever):
                 k=self.similarity_top_k,
                 filters=self._where,
                 method=self.method,
+                reranker=self.reranker,
+                rerank_top_n=self.rerank_top_n,
             )
         return [self._node(r) for r in results]
 
     async def _aretrieve(self, query_bundle: QueryBundle) -> list[NodeWithScore]:
         return await asyncio.to_thread(self._retrieve, query_bundle)
+
+
+class PEGRerank(RerankerOptions, BaseNodePostprocessor):
+    """A LlamaIndex node postprocessor that reranks nodes with :class:`peg_rag.Reranker`.
+
+    Used like ``SentenceTransformerRerank`` and ``FlagEmbeddingReranker``, with the same
+    default ``top_n=2``: ``node_postprocessors=[PEGRerank(model="BAAI/bge-reranker-base",
+    top_n=3)]``. It scores each node's text as the embedder sees it
+    (``MetadataMode.EMBED``), as those do, and returns the ``top_n`` best with the
+    reranker's score as their score: raw logits, or sigmoids in [0, 1] with
+    ``normalize=True``. ``keep_retrieval_score=True`` keeps each node's previous score in
+    its metadata as ``retrieval_score`` (out of what the LLM and the embedder see).
+
+    ``model`` is a hub id or a local directory; ``max_length``, ``device``, ``dtype``,
+    ``quantize`` and ``trust_remote_code`` are Reranker's loading options. Pass
+    ``reranker=`` to reuse an already loaded Reranker instead. The async path runs the
+    model in a worker thread, so the event loop keeps running meanwhile.
+    """
+
+    top_n: int = Field(default=2, gt=0, description="Number of nodes to return sorted by score.")
+    keep_retrieval_score: bool = Field(
+        default=False, description="Whether to keep the retrieval score in metadata."
+    )
+
+    def __init__(self, *, reranker: Reranker | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._start(reranker)
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "PEGRerank"
+
+    def _postprocess_nodes(
+        self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None = None
+    ) -> list[NodeWithScore]:
+        if query_bundle is None:
+            raise ValueError("PEGRerank needs the query: pass query_bundle or query_str")
+        dispatcher.event(
+            ReRankStartEvent(
+                query=query_bundle, nodes=nodes, top_n=self.top_n, model_name=self.model
+            )
+        )
+        texts = [hit.node.get_content(metadata_mode=MetadataMode.EMBED) for hit in nodes]
+        with self.callback_manager.event(
+            CBEventType.RERANKING,
+            payload={
+                EventPayload.NODES: nodes,
+                EventPayload.MODEL_NAME: self.model,
+                EventPayload.QUERY_STR: query_bundle.query_str,
+                EventPayload.TOP_K: self.top_n,
+            },
+        ) as event:
+            reranked = []
+            for i, score in self._rerank(query_bundle.query_str, texts, self.top_n):
+                node = nodes[i].node
+                if self.keep_retrieval_score:
+                    node.metadata["retrieval_score"] = nodes[i].score
+                    # A score is for the application, not for the LLM's context.
+                    for keys in (
+                        node.excluded_llm_metadata_keys,
+                        node.excluded_embed_metadata_keys,
+                    ):
+                        if "retrieval_score" not in keys:
+                            keys.append("retrieval_score")
+                reranked.append(NodeWithScore(node=node, score=score))
+            event.on_end(payload={EventPayload.NODES: reranked})
+        dispatcher.event(ReRankEndEvent(nodes=reranked))
+        return reranked

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import build_tiny_reranker
 
 import peg_rag.apps.demo as demo
 import peg_rag.apps.model_choice as model_choice
@@ -23,6 +24,17 @@ TINY = Recipe(
     steps=3,
     batch_size=8,
 )
+
+
+@pytest.fixture(autouse=True)
+def no_hub_reranker(monkeypatch) -> None:
+    """The hub reranker is never fetched by a test: as offline, unless a test says otherwise."""
+    monkeypatch.setattr(demo, "find_pretrained", lambda name: None)
+
+
+@pytest.fixture(scope="module")
+def reranker_dir(tmp_path_factory) -> Path:
+    return build_tiny_reranker(tmp_path_factory.mktemp("demo") / "reranker")
 
 
 @pytest.fixture
@@ -47,6 +59,13 @@ def test_quick_demo_with_a_given_model_answers_and_reports_hit_at_k(
     assert len(answered) == 9 and sum(line.count("[") for line in answered) == 9
     for method in ("hybrid", "dense", "bm25"):
         assert f"  {method:<7} " in out
+    # Without a reranker (none given, none reachable) one line says so and how to add one.
+    [notice] = [line for line in out.splitlines() if "reranker" in line.lower()]
+    assert notice == (
+        "No reranker: BAAI/bge-reranker-base is neither reachable on the Hugging Face Hub nor "
+        "in the local cache; give --reranker MODEL (a hub id or directory) to add one."
+    )
+    assert "hybrid+rerank" not in out and "rerank #" not in out
     # A rerun reuses the index: nothing is embedded again.
     assert main(args) == 0
     assert (
@@ -69,6 +88,40 @@ def test_report_counts_hits_against_gold_ids(tiny_model_dir, tmp_path):
     assert set(report.hit_at_k) == {"hybrid", "dense", "bm25"}
     # The passage a question was written for shares words with it: BM25 finds most.
     assert report.hit_at_k["bm25"] >= 5 / 9
+    assert all(0 <= v <= 1 for v in report.hit_at_k.values())
+
+
+def test_quick_demo_with_a_reranker_reports_hit_at_k_with_and_without_it(
+    tiny_model_dir, reranker_dir, tmp_path, capsys
+):
+    args = ["demo", "--quick", "--model", str(tiny_model_dir), "--cache-dir", str(tmp_path)]
+    assert main([*args, "--reranker", str(reranker_dir), "--rerank-top-n", "3"]) == 0
+    out = capsys.readouterr().out
+    assert f"Reranker: {reranker_dir} (given with --reranker)" in out
+    answered = out.split("hit@5 over 9 questions:")[0]
+    # Of each question's 5 answers, the first 3 are the reranked hybrid top 3.
+    assert answered.count("rerank #3") == 9 and "rerank #4" not in answered
+    report = out.split("hit@5 over 9 questions:")[1].splitlines()
+    assert [line.split()[0] for line in report[1:5]] == ["hybrid+rerank", "hybrid", "dense", "bm25"]
+
+
+def test_a_reranker_in_the_hub_cache_is_used(tiny_model_dir, reranker_dir, tmp_path, monkeypatch):
+    from peg_rag import PEGEncoder
+
+    hub = {demo.DEFAULT_RERANKER: reranker_dir}
+    monkeypatch.setattr(demo, "find_pretrained", lambda name: hub.get(name))
+    lines: list[str] = []
+    report = demo.run_demo(
+        str(tiny_model_dir),
+        load_encoder=PEGEncoder.from_pretrained,
+        quick=True,
+        cache=tmp_path,
+        out=lines.append,
+    )
+    found = f"Reranker: {reranker_dir} (BAAI/bge-reranker-base, Hugging Face Hub or local cache)"
+    assert found in lines
+    assert report.reranker == str(reranker_dir)
+    assert set(report.hit_at_k) == {"hybrid+rerank", "hybrid", "dense", "bm25"}
     assert all(0 <= v <= 1 for v in report.hit_at_k.values())
 
 
@@ -172,3 +225,22 @@ def test_pretrained_model_answers_most_sample_questions(me5_dir, tmp_path):
     assert report.questions == 90
     assert report.hit_at_k["hybrid"] >= 0.9
     assert report.hit_at_k["hybrid"] >= report.hit_at_k["bm25"]
+
+
+def test_no_rerank_turns_off_the_hub_reranker(tiny_model_dir, reranker_dir, tmp_path, monkeypatch):
+    from peg_rag import PEGEncoder
+
+    monkeypatch.setattr(demo, "find_pretrained", lambda name: reranker_dir)
+    lines: list[str] = []
+    report = demo.run_demo(
+        str(tiny_model_dir),
+        load_encoder=PEGEncoder.from_pretrained,
+        reranker=False,
+        quick=True,
+        cache=tmp_path,
+        out=lines.append,
+    )
+    assert "Reranker: off (--no-rerank)" in lines and report.reranker is None
+    assert set(report.hit_at_k) == {"hybrid", "dense", "bm25"}
+    args = ["demo", "--quick", "--model", str(tiny_model_dir), "--cache-dir", str(tmp_path)]
+    assert main([*args, "--no-rerank", "--reranker", str(reranker_dir)]) == 2

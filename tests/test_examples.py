@@ -12,7 +12,9 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from helpers import build_tiny_reranker
 
+from peg_rag import Reranker
 from peg_rag.apps.rag_chat import NO_LLM_NOTICE, SYSTEM_PROMPT
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -46,6 +48,47 @@ def test_example_answers_extractively_without_an_llm(name, tiny_model_dir, no_ll
     cited = [line for line in answer.split("Sources:\n")[1].splitlines() if line.startswith("[")]
     assert [c[:4] for c in cited] == ["[1] ", "[2] ", "[3] "]
     assert answer.count("\n[1] ") == 2  # the passage and its citation
+
+
+@pytest.fixture(scope="module")
+def reranker_dir(tmp_path_factory) -> Path:
+    return build_tiny_reranker(tmp_path_factory.mktemp("examples") / "reranker")
+
+
+@pytest.fixture
+def reranked(monkeypatch) -> list[list[float]]:
+    """The scores of each call to a Reranker, recorded."""
+    calls: list[list[float]] = []
+    score_pairs = Reranker.score_pairs
+
+    def spy(self, pairs, **options):
+        scores = score_pairs(self, pairs, **options)
+        calls.append(scores.tolist())
+        return scores
+
+    monkeypatch.setattr(Reranker, "score_pairs", spy)
+    return calls
+
+
+def cited_scores(out: str) -> list[float]:
+    """The scores of the cited sources: "[n] id  title  (score 1.2345)"."""
+    lines = [line for line in out.split("Sources:\n")[1].splitlines() if line.startswith("[")]
+    return [float(line.rsplit("(score ", 1)[1].rstrip(")")) for line in lines]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_example_with_a_reranker_cites_its_best_passages(
+    name, tiny_model_dir, reranker_dir, reranked, no_llm, capsys
+):
+    args = ["--model", str(tiny_model_dir), "--reranker", str(reranker_dir), "-q", "异地就医"]
+    assert example(name).main([*args, "-k", "3", "--chunk-size", "0"]) == 0
+    out = capsys.readouterr().out
+    assert f"Reranker: {reranker_dir.resolve()} (sources are in its order" in out
+    # The reranker saw the first stage's 30 best (the index's rerank_top_n), and the
+    # sources are its 3 best, with its scores.
+    [scores] = reranked
+    assert len(scores) == 30
+    assert cited_scores(out) == pytest.approx(sorted(scores, reverse=True)[:3], abs=1e-4)
 
 
 def test_example_over_a_folder_of_files(tiny_model_dir, no_llm, tmp_path, capsys):
@@ -140,3 +183,17 @@ def test_example_streams_an_llm_answer_with_sources(name, tiny_model_dir, fake_l
         citation, title, _ = line.split("  ")  # "[1] id", title, "(score ...)"
         number = citation.split()[0]
         assert title in prompt and number in prompt
+
+
+def test_llama_index_chat_engine_reranks_before_numbering(
+    tiny_model_dir, reranker_dir, reranked, fake_llm, capsys
+):
+    pytest.importorskip(CLIENTS["llama_index_chat"], reason="the 'llm' extra is not installed")
+    args = ["--model", str(tiny_model_dir), "--reranker", str(reranker_dir), "-q", "异地就医"]
+    assert example("llama_index_chat").main([*args, "-k", "2", "--chunk-size", "0"]) == 0
+    out = capsys.readouterr().out
+    [scores] = reranked
+    assert cited_scores(out) == pytest.approx(sorted(scores, reverse=True)[:2], abs=1e-4)
+    [request] = fake_llm
+    prompt = "\n".join(m["content"] for m in request["messages"])
+    assert "[1]" in prompt and "[2]" in prompt and "[3]" not in prompt  # the 2 kept, numbered

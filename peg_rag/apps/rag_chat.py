@@ -23,6 +23,7 @@ from peg_rag.core.documents import Document
 from peg_rag.core.documents import read_inputs as read_files
 from peg_rag.core.encoder import PEGEncoder
 from peg_rag.core.encoding import Encoder
+from peg_rag.core.reranker import Reranker
 
 from .kb_model import Recipe
 from .model_choice import resolve_model
@@ -115,6 +116,11 @@ def chat_arguments(description: str) -> argparse.ArgumentParser:
     parser.add_argument(
         "--model", help="embedding model (default: $PEG_RAG_MODEL, TownsWu/PEG, or the fallback)"
     )
+    parser.add_argument(
+        "--reranker",
+        metavar="MODEL",
+        help="cross-encoder that reorders the retrieved passages (e.g. BAAI/bge-reranker-base)",
+    )
     parser.add_argument("--index-dir", type=Path, help="keep the index here (default: in memory)")
     parser.add_argument(
         "--chunk-size",
@@ -135,6 +141,15 @@ def load_chat_encoder(model: str | None) -> PEGEncoder:
     name, how = resolve_model(model, cache=cache_dir(), recipe=Recipe(), out=print)
     print(f"Embedding model: {name} ({how})")
     return PEGEncoder.from_pretrained(name)
+
+
+def load_chat_reranker(model: str | None) -> Reranker | None:
+    """The --reranker cross-encoder, None without one."""
+    if model is None:
+        return None
+    reranker = Reranker.from_pretrained(model)
+    print(f"Reranker: {reranker.name_or_path} (sources are in its order, with its scores)")
+    return reranker
 
 
 def read_inputs(paths: Sequence[Path]) -> list[Document]:

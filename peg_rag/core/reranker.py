@@ -33,6 +33,7 @@ from .encoding import DEFAULT_BATCH_SIZE
 from .files import read_json, write_json
 from .model_files import model_name, resolve_model_dir
 
+DEFAULT_RERANKER = "BAAI/bge-reranker-base"  # what the demo and the framework wrappers use
 DEFAULT_MAX_LENGTH = 512  # the cap when neither the caller nor the model's settings say less
 ST_SETTINGS = "sentence_bert_config.json"
 SIGMOID = "torch.nn.modules.activation.Sigmoid"
