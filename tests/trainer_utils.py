@@ -78,3 +78,33 @@ def reference_loss(q, c, pos, tau, mask=None, gamma=0.0, weighting=None):
     log_p = logits.log_softmax(dim=1)[torch.arange(len(q)), pos]
     w = torch.ones(len(q)) if weighting is None else weighting(log_p.exp().detach(), gamma)
     return -(w * log_p).sum() / w.sum(), w
+
+
+def recorded_run(train_fn, config, **kwargs) -> tuple:
+    """``train_fn(config, **kwargs)``, recording each step's batch (source and line numbers):
+    the data order that was trained on."""
+    import pytest
+
+    from peg_rag.trainer import data as data_module
+
+    order = []
+    original = data_module.TrainData.batch
+
+    def recording(self, state):
+        batch, after = original(self, state)
+        order.append((state["step"], batch.source, tuple(batch.lines)))
+        return batch, after
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(data_module.TrainData, "batch", recording)
+        result = train_fn(config, **kwargs)
+    # The data thread builds one batch ahead: keep the batches that were trained on.
+    return result, [o for o in order if o[0] < result.step]
+
+
+def assert_same_weights(a: Path, b: Path, rtol: float = 1e-5, atol: float = 1e-6) -> None:
+    """The model.safetensors of two model folders hold the same tensors."""
+    left, right = weights(a), weights(b)
+    assert left.keys() == right.keys()
+    for name in left:
+        torch.testing.assert_close(left[name], right[name], rtol=rtol, atol=atol)

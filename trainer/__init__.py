@@ -1,10 +1,15 @@
-"""PEG training: huge-batch contrastive learning with gradient caching and progressive weighting.
+"""PEG training: huge-batch contrastive learning with gradient caching and progressive weighting,
+and reranker (cross-encoder) training on the same machinery.
 
 from peg_rag.trainer import make_config, train
 result = train(make_config(model="TownsWu/PEG", train=["data/"], output_dir="out"))
 
+from peg_rag.trainer import make_reranker_config, train_reranker
+result = train_reranker(make_reranker_config(model="BASE", train=["mined/"], output_dir="rr"))
+
 Training layer: may use the core and retrieval layers (evaluation during training), never
-the apps or the CLI. ``train`` needs the ``[train]`` extra (accelerate, tensorboard).
+the apps or the CLI. ``train`` and ``train_reranker`` need the ``[train]`` extra (accelerate,
+tensorboard).
 """
 
 from typing import TYPE_CHECKING
@@ -13,21 +18,28 @@ from peg_rag.core.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from .config import ConfigError, TrainConfig, config_from_args, make_config
+    from .loop import TrainResult
     from .mine import MiningStats, check_output, mine_file
     from .mine_options import MiningOptions
-    from .train import TrainResult, train
+    from .reranker import train_reranker
+    from .reranker_config import RerankerConfig, make_reranker_config, reranker_config_from_args
+    from .train import train
 
 __all__ = [
     "ConfigError",
     "MiningOptions",
     "MiningStats",
+    "RerankerConfig",
     "TrainConfig",
     "TrainResult",
     "check_output",
     "config_from_args",
     "make_config",
+    "make_reranker_config",
     "mine_file",
+    "reranker_config_from_args",
     "train",
+    "train_reranker",
 ]
 __getattr__, __dir__ = lazy_exports(
     globals(),
@@ -35,12 +47,16 @@ __getattr__, __dir__ = lazy_exports(
         "ConfigError": ".config",
         "MiningOptions": ".mine_options",
         "MiningStats": ".mine",
+        "RerankerConfig": ".reranker_config",
         "TrainConfig": ".config",
-        "TrainResult": ".train",
+        "TrainResult": ".loop",
         "check_output": ".mine",
         "config_from_args": ".config",
         "make_config": ".config",
+        "make_reranker_config": ".reranker_config",
         "mine_file": ".mine",
+        "reranker_config_from_args": ".reranker_config",
         "train": ".train",
+        "train_reranker": ".reranker",
     },
 )

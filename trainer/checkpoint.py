@@ -1,11 +1,12 @@
 """Atomic checkpoints: written to a temporary folder, then renamed into place.
 
 A checkpoint folder ``checkpoints/checkpoint-<step>`` holds accelerate's state (model,
-optimizer, scheduler, RNG of every process), the model in PEGEncoder/sentence-transformers
-format under ``model/``, and ``trainer_state.json`` (step, data position, best metric). A run
-killed while writing leaves only a ``.tmp-checkpoint-<step>`` folder, which resuming ignores
-and removes, so it continues from the previous complete checkpoint. Folders must be on a file
-system all processes share (the rename is what makes a checkpoint visible).
+optimizer, scheduler, RNG of every process), the model as its ``save_pretrained`` writes it
+under ``model/`` (PEGEncoder or Reranker, both loadable by sentence-transformers), and
+``trainer_state.json`` (step, data position, best metric). A run killed while writing leaves
+only a ``.tmp-checkpoint-<step>`` folder, which resuming ignores and removes, so it continues
+from the previous complete checkpoint. Folders must be on a file system all processes share
+(the rename is what makes a checkpoint visible).
 """
 
 from __future__ import annotations
@@ -14,13 +15,18 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from peg_rag.core.encoder import PEGEncoder
 from peg_rag.core.files import read_json, recover_swaps, swap_dir, write_json
 
 STATE_FILE = "trainer_state.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+class SavesPretrained(Protocol):
+    """What checkpoints save: PEGEncoder and Reranker write themselves to a folder."""
+
+    def save_pretrained(self, directory: str | os.PathLike[str]) -> None: ...
 
 
 def checkpoints(output_dir: Path) -> list[Path]:
@@ -48,7 +54,12 @@ def remove_partial(output_dir: Path) -> None:
 
 
 def save_checkpoint(
-    accelerator, encoder: PEGEncoder, output_dir: Path, step: int, state: dict[str, Any], keep: int
+    accelerator,
+    model: SavesPretrained,
+    output_dir: Path,
+    step: int,
+    state: dict[str, Any],
+    keep: int,
 ) -> Path:
     """Write checkpoint ``step`` atomically on all processes; keep the newest ``keep``."""
     final = output_dir / "checkpoints" / f"checkpoint-{step}"
@@ -59,7 +70,7 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
     if accelerator.is_main_process:
-        encoder.save_pretrained(tmp / "model")
+        model.save_pretrained(tmp / "model")
         write_json(tmp / STATE_FILE, state, indent=2)
         if final.exists():  # the same step written again after a resume
             shutil.rmtree(final)
@@ -70,11 +81,11 @@ def save_checkpoint(
     return final
 
 
-def save_model_atomically(encoder: PEGEncoder, target: Path) -> None:
-    """Replace ``target`` with the encoder's files, never leaving a half-written folder there."""
+def save_model_atomically(model: SavesPretrained, target: Path) -> None:
+    """Replace ``target`` with the model's files, never leaving a half-written folder there."""
     tmp = target.with_name(f".tmp-{target.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    encoder.save_pretrained(tmp)
+    model.save_pretrained(tmp)
     swap_dir(tmp, target)
 
 

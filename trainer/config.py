@@ -1,8 +1,14 @@
-"""All trainer settings in one dataclass, read from a YAML file and/or command-line flags.
+"""Trainer settings as dataclasses, read from a YAML file and/or command-line flags.
 
 Every YAML key is also a flag: ``batch_size: 64`` in the file is ``--batch-size 64`` on the
 command line, and flags win over the file. Values from both go through the same checks, so a
 bad value names the file or flag it came from.
+
+:class:`RunConfig` holds what every training run has (data, batch, optimizer, checkpoints,
+evaluation); :class:`TrainConfig` (the embedder, ``peg-rag train``) and
+``reranker_config.RerankerConfig`` (``peg-rag train-reranker``) add their own keys. The
+machinery below (:func:`build_config`, :func:`add_arguments`, :func:`validate`) works on any
+of them: a field's metadata carries its help, its range rule and its choices.
 """
 
 from __future__ import annotations
@@ -10,12 +16,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import logging
 import math
+import sys
 import types
 import typing
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 
@@ -32,15 +41,21 @@ PROGRESSIVE = ("off", "linear", "cosine", "step")
 LR_SCHEDULES = ("linear", "cosine", "constant")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 REQUIRED = ("model", "train", "output_dir")
-# Keys of peg-rag 0.1, still read (with a warning) until 0.3.
-RENAMED = {"query_instruction": "query_prompt", "passage_instruction": "passage_prompt"}
+# Range rules a field may name in its metadata (``rule=">= 1"``).
+RULES: dict[str, Callable[[Any], bool]] = {
+    ">= 0": lambda v: v >= 0,
+    ">= 1": lambda v: v >= 1,
+    ">= 2": lambda v: v >= 2,
+    "> 0": lambda v: v > 0,
+}
 
 
 class ConfigError(ValueError):
     """A bad setting; the message names the file or flag and the key."""
 
 
-def _opt(default: Any, help: str, **extra: Any) -> Any:
+def setting(default: Any, help: str, **extra: Any) -> Any:
+    """A field with its help and metadata: ``rule`` (a key of RULES), ``choices``, ``metavar``."""
     if isinstance(default, (list, dict)):
         return field(
             default_factory=lambda: type(default)(default), metadata={"help": help, **extra}
@@ -48,88 +63,167 @@ def _opt(default: Any, help: str, **extra: Any) -> Any:
     return field(default=default, metadata={"help": help, **extra})
 
 
+Bad = Callable[[str, str], ConfigError]  # (key, message) -> the error naming where it was set
+
+
 @dataclass
-class TrainConfig:
-    """Settings of a training run; see ``trainer/configs/peg.yaml`` for a commented example."""
+class RunConfig:
+    """Settings every training run has: data, batch, optimizer, checkpoints, evaluation."""
+
+    # Keys of older releases, still read (with a warning): old name -> new name.
+    RENAMED: ClassVar[dict[str, str]] = {}
+    # Settings that decide the data order: a resumed run must keep them to continue exactly.
+    DATA_ORDER_KEYS: ClassVar[tuple[str, ...]] = (
+        "train",
+        "batch_size",
+        "seed",
+        "source_weights",
+        "skip_bad_lines",
+    )
 
     # What to train on, and where results go.
-    model: str | None = _opt(None, "hub id or local directory of the model to fine-tune")
-    train: list[str] = _opt([], "training JSONL files or folders of them", metavar="PATH")
-    output_dir: str | None = _opt(None, "where the model, checkpoints and logs are written")
-    source_weights: dict[str, float] = _opt(
+    model: str | None = setting(None, "hub id or local directory of the model to fine-tune")
+    train: list[str] = setting([], "training JSONL files or folders of them", metavar="PATH")
+    output_dir: str | None = setting(None, "where the model, checkpoints and logs are written")
+    source_weights: dict[str, float] = setting(
         {}, "per-source sampling weight multipliers, NAME=WEIGHT", metavar="NAME=WEIGHT"
     )
-    skip_bad_lines: bool = _opt(False, "count and skip malformed training lines instead of failing")
+    skip_bad_lines: bool = setting(
+        False, "count and skip malformed training lines instead of failing"
+    )
     # Batch shape.
-    batch_size: int = _opt(64, "queries per global batch (across all processes)")
-    mini_batch_size: int = _opt(32, "texts per forward pass; bounds activation memory")
-    hard_negatives: int = _opt(5, "hard negatives per query, taken from 'neg' (filled if short)")
-    max_length: int | None = _opt(None, "max tokens per text (default: the model's)")
-    # Loss.
-    temperature: float = _opt(0.02, "InfoNCE temperature tau")
-    loss_chunk_size: int = _opt(
-        1024, "queries per loss chunk; logits never exceed chunk x candidates"
+    batch_size: int = setting(64, "queries per global batch (across all processes)", rule=">= 1")
+    mini_batch_size: int = setting(
+        32, "texts per forward pass; bounds activation memory", rule=">= 1"
     )
-    mask_duplicates: bool = _opt(True, "never use a text identical to a positive as its negative")
-    false_negative_margin: float | None = _opt(
-        None,
-        "mask candidates scoring above score(positive) - margin (off when unset; a negative "
-        "margin masks only candidates scoring more than |margin| above the positive)",
+    max_length: int | None = setting(
+        None, "max tokens per text (default: the model's)", rule=">= 1"
     )
-    guide_model: str | None = _opt(None, "score false negatives with this frozen model instead")
-    # Progressive learning.
-    progressive: str = _opt(
-        "linear", "gamma(t) schedule, or off for plain InfoNCE", choices=PROGRESSIVE
-    )
-    weighting: str = _opt("focal", "per-query weighting function (see progressive.WEIGHTINGS)")
-    gamma_start: float = _opt(0.0, "gamma at the first step")
-    gamma_end: float = _opt(2.0, "gamma at the last step")
-    gamma_stairs: int = _opt(4, "number of levels of the 'step' schedule")
     # Optimization.
-    learning_rate: float = _opt(2e-5, "peak AdamW learning rate")
-    weight_decay: float = _opt(0.01, "AdamW weight decay (not applied to biases and norms)")
-    warmup_ratio: float = _opt(0.1, "fraction of the steps with linear warmup")
-    lr_schedule: str = _opt("linear", "decay after warmup", choices=LR_SCHEDULES)
-    max_grad_norm: float = _opt(1.0, "gradient clipping norm (0 disables)")
-    adam_epsilon: float = _opt(1e-8, "AdamW epsilon")
-    max_steps: int | None = _opt(None, "optimizer steps to run (or set epochs)")
-    epochs: float | None = _opt(None, "passes over the data (default 1 when max_steps is unset)")
-    seed: int = _opt(42, "seed of data order, negatives and initialization of dropout")
-    mixed_precision: str = _opt(
+    learning_rate: float = setting(2e-5, "peak AdamW learning rate", rule="> 0")
+    weight_decay: float = setting(
+        0.01, "AdamW weight decay (not applied to biases and norms)", rule=">= 0"
+    )
+    warmup_ratio: float = setting(0.1, "fraction of the steps with linear warmup")
+    lr_schedule: str = setting("linear", "decay after warmup", choices=LR_SCHEDULES)
+    max_grad_norm: float = setting(1.0, "gradient clipping norm (0 disables)", rule=">= 0")
+    adam_epsilon: float = setting(1e-8, "AdamW epsilon", rule="> 0")
+    max_steps: int | None = setting(None, "optimizer steps to run (or set epochs)", rule=">= 1")
+    epochs: float | None = setting(
+        None, "passes over the data (default 1 when max_steps is unset)", rule="> 0"
+    )
+    seed: int = setting(42, "seed of data order, negatives and initialization of dropout")
+    mixed_precision: str = setting(
         "auto",
         "auto = bf16 on GPUs that support it, fp16 on older GPUs, no on CPU",
         choices=MIXED_PRECISION,
     )
-    gradient_checkpointing: bool = _opt(False, "recompute activations in backward to save memory")
-    # Encoder settings (default: the model's sentence-transformers files).
-    pooling: str | None = _opt(
-        None, "cls or mean (default: from the model files)", choices=POOLING_MODES
+    gradient_checkpointing: bool = setting(
+        False, "recompute activations in backward to save memory"
     )
-    query_prompt: str | None = _opt(None, "query prefix (default: the model's query prompt)")
-    passage_prompt: str | None = _opt(None, "passage prefix (default: the model's prompt)")
-    trust_remote_code: bool = _opt(False, "run code shipped with the model")
+    trust_remote_code: bool = setting(False, "run code shipped with the model")
     # Logging, checkpoints, evaluation.
-    logging_steps: int = _opt(10, "log training metrics every N steps")
-    report_to: str = _opt("tensorboard", "accelerate tracker (tensorboard, wandb, ...) or none")
-    save_steps: int = _opt(0, "write a checkpoint every N steps (0: only the final model)")
-    save_total_limit: int = _opt(3, "keep the last K checkpoints")
-    resume: str | None = _opt(
+    logging_steps: int = setting(10, "log training metrics every N steps", rule=">= 1")
+    report_to: str = setting("tensorboard", "accelerate tracker (tensorboard, wandb, ...) or none")
+    save_steps: int = setting(
+        0, "write a checkpoint every N steps (0: only the final model)", rule=">= 0"
+    )
+    save_total_limit: int = setting(3, "keep the last K checkpoints", rule=">= 1")
+    resume: str | None = setting(
         None,
         "continue from a checkpoint directory, or 'latest' in output_dir",
         metavar="CHECKPOINT",
     )
-    eval_dirs: list[str] = _opt([], "BEIR folders / pairs.tsv files evaluated during training")
-    eval_steps: int = _opt(0, "evaluate every N steps (0: only at the end)")
-    metric_for_best: str | None = _opt(
+    eval_dirs: list[str] = setting([], "BEIR folders / pairs.tsv files evaluated during training")
+    eval_steps: int = setting(0, "evaluate every N steps (0: only at the end)", rule=">= 0")
+    metric_for_best: str | None = setting(
         None, "keep the best model by this metric, e.g. kuake-qtr-dev/ndcg@10"
     )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def check(self, bad: Bad) -> None:
+        """Checks of this kind of run beyond each key's type, range and choices."""
 
-FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-_TYPES = typing.get_type_hints(TrainConfig)
+
+@dataclass
+class TrainConfig(RunConfig):
+    """Settings of an embedder's training run; see ``trainer/configs/peg.yaml`` for a commented
+    example."""
+
+    # Keys of peg-rag 0.1, still read (with a warning) until 0.3.
+    RENAMED: ClassVar[dict[str, str]] = {
+        "query_instruction": "query_prompt",
+        "passage_instruction": "passage_prompt",
+    }
+    DATA_ORDER_KEYS: ClassVar[tuple[str, ...]] = (*RunConfig.DATA_ORDER_KEYS, "hard_negatives")
+
+    hard_negatives: int = setting(
+        5, "hard negatives per query, taken from 'neg' (filled if short)", rule=">= 0"
+    )
+    # Loss.
+    temperature: float = setting(0.02, "InfoNCE temperature tau", rule="> 0")
+    loss_chunk_size: int = setting(
+        1024, "queries per loss chunk; logits never exceed chunk x candidates", rule=">= 1"
+    )
+    mask_duplicates: bool = setting(
+        True, "never use a text identical to a positive as its negative"
+    )
+    false_negative_margin: float | None = setting(
+        None,
+        "mask candidates scoring above score(positive) - margin (off when unset; a negative "
+        "margin masks only candidates scoring more than |margin| above the positive)",
+    )
+    guide_model: str | None = setting(None, "score false negatives with this frozen model instead")
+    # Progressive learning.
+    progressive: str = setting(
+        "linear", "gamma(t) schedule, or off for plain InfoNCE", choices=PROGRESSIVE
+    )
+    weighting: str = setting("focal", "per-query weighting function (see progressive.WEIGHTINGS)")
+    gamma_start: float = setting(0.0, "gamma at the first step", rule=">= 0")
+    gamma_end: float = setting(2.0, "gamma at the last step", rule=">= 0")
+    gamma_stairs: int = setting(4, "number of levels of the 'step' schedule", rule=">= 2")
+    # Encoder settings (default: the model's sentence-transformers files).
+    pooling: str | None = setting(
+        None, "cls or mean (default: from the model files)", choices=POOLING_MODES
+    )
+    query_prompt: str | None = setting(None, "query prefix (default: the model's query prompt)")
+    passage_prompt: str | None = setting(None, "passage prefix (default: the model's prompt)")
+
+    def check(self, bad: Bad) -> None:
+        if self.batch_size < 2 and self.hard_negatives == 0:
+            raise bad("batch_size", "a single query without hard negatives has no negatives")
+        if self.guide_model and self.false_negative_margin is None:
+            raise bad(
+                "guide_model", "only used for false-negative masking; set false_negative_margin"
+            )
+        from .progressive import WEIGHTINGS  # here: it imports torch, and the CLI imports config
+
+        if self.weighting not in WEIGHTINGS:
+            raise bad(
+                "weighting", f"must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}"
+            )
+
+
+C = TypeVar("C", bound=RunConfig)
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def fields_of(schema: type[RunConfig]) -> dict[str, dataclasses.Field]:
+    """The keys of a config class, in order."""
+    return {f.name: f for f in dataclasses.fields(schema)}
+
+
+def _types(schema: type[RunConfig]) -> dict[str, Any]:
+    if schema not in _HINTS:
+        _HINTS[schema] = typing.get_type_hints(schema)
+    return _HINTS[schema]
+
+
+FIELDS = fields_of(TrainConfig)
 
 
 def _base(kind: Any) -> tuple[Any, bool]:
@@ -141,9 +235,9 @@ def _base(kind: Any) -> tuple[Any, bool]:
     return kind, False
 
 
-def _convert(name: str, value: Any, origin: str) -> Any:
+def _convert(schema: type[RunConfig], name: str, value: Any, origin: str) -> Any:
     """Check and convert one value (from YAML, or a string from the command line)."""
-    kind, nullable = _base(_TYPES[name])
+    kind, nullable = _base(_types(schema)[name])
 
     def fail(expected: str) -> ConfigError:
         return ConfigError(f"{origin}: key {name!r}: expected {expected}, got {value!r}")
@@ -211,19 +305,20 @@ def _convert(name: str, value: Any, origin: str) -> Any:
     raise AssertionError(f"unhandled type {kind} of {name}")
 
 
-def _check_key(key: Any, origin: str) -> str:
+def _check_key(schema: type[RunConfig], key: Any, origin: str) -> str:
     name = str(key).replace("-", "_")
-    if name in RENAMED:
-        warn_renamed(name, RENAMED[name], stacklevel=4)
-        name = RENAMED[name]
-    if name not in FIELDS:
-        close = difflib.get_close_matches(name, FIELDS, n=1)
+    if name in schema.RENAMED:
+        warn_renamed(name, schema.RENAMED[name], stacklevel=6)  # the caller of make_config
+        name = schema.RENAMED[name]
+    known = fields_of(schema)
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(f"{origin}: unknown key {key!r}{hint}")
     return name
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
+def read_yaml(path: str | Path, schema: type[RunConfig] = TrainConfig) -> dict[str, Any]:
     """Read a config file into {key: value}, checking keys and value types."""
     path = Path(path)
     try:
@@ -238,67 +333,51 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: expected a mapping of keys to values, got {type(raw).__name__}")
     values = {}
     for key, value in raw.items():
-        name = _check_key(key, str(path))
-        values[name] = _convert(name, value, str(path))
+        name = _check_key(schema, key, str(path))
+        values[name] = _convert(schema, name, value, str(path))
     return values
+
+
+def build_config(
+    schema: type[C],
+    values: dict[str, Any] | None = None,
+    *,
+    config_file: str | Path | None = None,
+    **overrides: Any,
+) -> C:
+    """Build and validate a ``schema`` config: defaults < YAML file < ``values`` < ``overrides``."""
+    return _build(
+        schema, config_file, {**(values or {}), **overrides}, lambda name: f"argument {name}"
+    )
 
 
 def make_config(
     values: dict[str, Any] | None = None, *, config_file: str | Path | None = None, **overrides: Any
 ) -> TrainConfig:
-    """Build and validate a config: dataclass defaults < YAML file < ``values`` < ``overrides``."""
-    return _build(config_file, {**(values or {}), **overrides}, lambda name: f"argument {name}")
+    """Build and validate an embedder's config (defaults < YAML < ``values`` < ``overrides``)."""
+    return build_config(TrainConfig, values, config_file=config_file, **overrides)
 
 
 def _build(
-    config_file: str | Path | None, values: dict[str, Any], origin: typing.Callable[[str], str]
-) -> TrainConfig:
+    schema: type[C],
+    config_file: str | Path | None,
+    values: dict[str, Any],
+    origin: Callable[[str], str],
+) -> C:
     merged: dict[str, Any] = {}
     origins: dict[str, str] = {}
     if config_file is not None:
-        for name, value in read_yaml(config_file).items():
+        for name, value in read_yaml(config_file, schema).items():
             merged[name], origins[name] = value, str(config_file)
     for key, value in values.items():
-        name = _check_key(key, origin(str(key)))
-        merged[name], origins[name] = _convert(name, value, origin(name)), origin(name)
-    config = TrainConfig(**merged)
+        name = _check_key(schema, key, origin(str(key)))
+        merged[name], origins[name] = _convert(schema, name, value, origin(name)), origin(name)
+    config = schema(**merged)
     validate(config, origins)
     return config
 
 
-# (settings, rule, test) for numbers; None passes (unset optional settings).
-_RANGES: list[tuple[tuple[str, ...], str, typing.Callable[[Any], bool]]] = [
-    (
-        (
-            "batch_size",
-            "mini_batch_size",
-            "loss_chunk_size",
-            "save_total_limit",
-            "logging_steps",
-            "max_steps",
-            "max_length",
-        ),
-        ">= 1",
-        lambda v: v >= 1,
-    ),
-    (
-        (
-            "hard_negatives",
-            "save_steps",
-            "eval_steps",
-            "weight_decay",
-            "gamma_start",
-            "gamma_end",
-            "max_grad_norm",
-        ),
-        ">= 0",
-        lambda v: v >= 0,
-    ),
-    (("temperature", "learning_rate", "adam_epsilon", "epochs"), "> 0", lambda v: v > 0),
-]
-
-
-def validate(config: TrainConfig, origins: dict[str, str] | None = None) -> None:
+def validate(config: RunConfig, origins: dict[str, str] | None = None) -> None:
     """Raise ConfigError for the first setting that is missing, out of range or inconsistent."""
     origins = origins or {}
 
@@ -309,30 +388,21 @@ def validate(config: TrainConfig, origins: dict[str, str] | None = None) -> None
     for name in REQUIRED:
         if not getattr(config, name):
             raise ConfigError(f"missing required setting {name!r} (--{name.replace('_', '-')})")
-    for names, rule, holds in _RANGES:
-        for name in names:
-            value = getattr(config, name)
-            if value is not None and not holds(value):
-                raise bad(name, f"must be {rule}, got {value}")
+    known = fields_of(type(config))
+    for name, spec in known.items():
+        rule = spec.metadata.get("rule")
+        value = getattr(config, name)
+        if rule is not None and value is not None and not RULES[rule](value):
+            raise bad(name, f"must be {rule}, got {value}")
     if config.max_steps is not None and config.epochs is not None:
         raise bad("epochs", "set max_steps or epochs, not both")
     if not 0 <= config.warmup_ratio < 1:
         raise bad("warmup_ratio", f"must be in [0, 1), got {config.warmup_ratio}")
-    if config.batch_size < 2 and config.hard_negatives == 0:
-        raise bad("batch_size", "a single query without hard negatives has no negatives")
-    if config.gamma_stairs < 2:
-        raise bad("gamma_stairs", f"must be >= 2, got {config.gamma_stairs}")
-    if config.guide_model and config.false_negative_margin is None:
-        raise bad("guide_model", "only used for false-negative masking; set false_negative_margin")
-    for name in ("progressive", "lr_schedule", "mixed_precision", "pooling"):
-        choices = FIELDS[name].metadata["choices"]
+    for name, spec in known.items():
+        choices = spec.metadata.get("choices")
         value = getattr(config, name)
-        if value is not None and value not in choices:
+        if choices is not None and value is not None and value not in choices:
             raise bad(name, f"must be one of {', '.join(choices)}, got {value!r}")
-    from .progressive import WEIGHTINGS  # here: it imports torch, and the CLI imports config
-
-    if config.weighting not in WEIGHTINGS:
-        raise bad("weighting", f"must be one of {', '.join(WEIGHTINGS)}, got {config.weighting!r}")
     for source, weight in config.source_weights.items():
         if weight <= 0:
             raise bad("source_weights", f"weight of {source!r} must be > 0, got {weight}")
@@ -342,14 +412,15 @@ def validate(config: TrainConfig, origins: dict[str, str] | None = None) -> None
                 raise bad(name, f"path does not exist: {path}")
     if config.metric_for_best and not config.eval_dirs:
         raise bad("metric_for_best", "needs eval_dirs to evaluate on")
+    config.check(bad)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add --config and one flag per TrainConfig key; unset flags stay out of the namespace."""
+def add_arguments(parser: argparse.ArgumentParser, schema: type[RunConfig] = TrainConfig) -> None:
+    """Add --config and one flag per key of ``schema``; unset flags stay out of the namespace."""
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of settings (flags win)")
-    defaults = TrainConfig()
-    for name, spec in FIELDS.items():
-        kind, _ = _base(_TYPES[name])
+    defaults = schema()
+    for name, spec in fields_of(schema).items():
+        kind, _ = _base(_types(schema)[name])
         flag = "--" + name.replace("_", "-")
         default = getattr(defaults, name)
         shown = f" (default: {default})" if default not in (None, [], {}) else ""
@@ -369,7 +440,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         elif name == "resume":
             kwargs.update(nargs="?", const="latest")
         parser.add_argument(flag, **kwargs)
-    for old in RENAMED:  # hidden; config_from_args warns and maps them
+    for old in schema.RENAMED:  # hidden; the config builder warns and maps them
         parser.add_argument(
             "--" + old.replace("_", "-"),
             dest=old,
@@ -378,7 +449,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         )
 
 
+def config_from_namespace(schema: type[C], args: argparse.Namespace) -> C:
+    """The ``schema`` config of a namespace parsed with add_arguments' flags."""
+    names = [*fields_of(schema), *schema.RENAMED]
+    given = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    return _build(schema, args.config, given, lambda name: "--" + name.replace("_", "-"))
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The TrainConfig of a namespace parsed with add_arguments' flags."""
-    given = {name: getattr(args, name) for name in [*FIELDS, *RENAMED] if hasattr(args, name)}
-    return _build(args.config, given, lambda name: "--" + name.replace("_", "-"))
+    return config_from_namespace(TrainConfig, args)
+
+
+def command_line(
+    argv: Sequence[str] | None,
+    *,
+    prog: str,
+    description: str,
+    schema: type[C],
+    train: Callable[[C], Any],
+) -> int:
+    """``python -m`` entry points: parse ``schema``'s flags, ``train``, print its summary.
+
+    Bad input (a setting, a training line, a file) prints one line and returns 2.
+    """
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_arguments(parser, schema)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        result = train(config_from_namespace(schema, args))
+    except (ValueError, OSError) as exc:  # bad input: one clear line, no traceback
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    print(result.summary())
+    return 0

@@ -1,8 +1,11 @@
 """A training run up to its first step: accelerate, data, models, AdamW with warmup and decay.
 
-:func:`set_up` builds the :class:`Run` that the loop in train.py steps: the Accelerator, the
-data, the PEGEncoder (and the optional guide model) prepared for training, the optimizer and
-learning-rate schedule, the contrastive step, and where to start: step 0 or a checkpoint.
+:func:`set_up` builds the :class:`Run` that the loop in train.py steps for the embedder: the
+Accelerator, the data, the PEGEncoder (and the optional guide model) prepared for training,
+the optimizer and learning-rate schedule, the contrastive step, and where to start: step 0 or
+a checkpoint. The reranker's set-up (reranker.py) shares everything but the model and the
+step: :func:`begin_run` (output folder, accelerator, data) before its model loads and
+:func:`complete_run` (optimizer, schedule, accelerate, resume) after.
 """
 
 from __future__ import annotations
@@ -11,10 +14,11 @@ import copy
 import functools
 import logging
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import torch
 import yaml
@@ -31,37 +35,43 @@ from peg_rag.core.encoder import PEGEncoder
 
 from . import checkpoint as ckpt
 from .collate import StepInputs, build_inputs
-from .config import TrainConfig
+from .config import RunConfig, TrainConfig
 from .data import Batch, TrainData
-from .progressive import WEIGHTINGS
-from .step import ContrastiveStep
+from .progressive import WEIGHTINGS, gamma_at
+from .step import ContrastiveStep, Step, StepLog
 
 logger = logging.getLogger("peg_rag")
-# Settings that decide the data order: a resumed run must keep them to continue exactly.
-DATA_ORDER_KEYS = (
-    "train",
-    "batch_size",
-    "hard_negatives",
-    "seed",
-    "source_weights",
-    "skip_bad_lines",
-)
+# The embedder's settings that decide the data order (a resumed run must keep them).
+DATA_ORDER_KEYS = TrainConfig.DATA_ORDER_KEYS
+
+
+class Trainee(Protocol):
+    """What the loop trains, evaluates and saves: a PEGEncoder or a Reranker."""
+
+    @property
+    def model(self) -> torch.nn.Module: ...
+
+    @property
+    def max_length(self) -> int: ...
+
+    def save_pretrained(self, directory: str | os.PathLike[str]) -> None: ...
 
 
 @dataclass
 class Run:
     """A run ready to train; the loop advances ``step`` and ``data_state``."""
 
-    config: TrainConfig
+    config: RunConfig
     output_dir: Path
     accelerator: Accelerator
     data: TrainData
-    encoder: PEGEncoder  # the unwrapped model: what evaluation uses and checkpoints save
-    model: torch.nn.Module  # encoder.model as prepared by accelerate (DDP-wrapped if distributed)
+    trainee: Trainee  # the unwrapped model: what evaluation uses and checkpoints save
+    model: torch.nn.Module  # trainee.model as prepared by accelerate (DDP-wrapped if distributed)
     optimizer: AcceleratedOptimizer
     scheduler: AcceleratedScheduler
-    step_fn: ContrastiveStep
-    prepare: Callable[[Batch], StepInputs]  # runs in the data thread
+    step_fn: Step
+    prepare: Callable[[Batch], Any]  # batch -> step inputs; runs in the data thread
+    shape: str  # what one step trains on, for the first log line
     total_steps: int
     step: int  # 0, or the resumed checkpoint's step
     data_state: dict[str, Any]  # the data position after ``step`` steps
@@ -69,10 +79,78 @@ class Run:
 
 
 def set_up(config: TrainConfig) -> Run:
-    """Build everything the first step needs and resume from a checkpoint when asked.
+    """Build everything the embedder's first step needs; resume from a checkpoint when asked.
 
     ``config`` must be validated.
     """
+    accelerator, data, output_dir = begin_run(config, hard_negatives=config.hard_negatives)
+    encoder, guide = _load_models(config, accelerator.device)
+
+    def make_step(model: torch.nn.Module, total_steps: int) -> Step:
+        trainee = copy.copy(encoder)  # embeds through the (possibly DDP-wrapped) prepared model
+        trainee.model = model  # type: ignore[assignment]  # DDP forwards like the model
+        contrastive = ContrastiveStep(
+            trainee,
+            mini_batch_size=config.mini_batch_size,
+            temperature=config.temperature,
+            chunk_size=config.loss_chunk_size,
+            false_negative_margin=config.false_negative_margin,
+            guide=guide,
+            weighting=None if config.progressive == "off" else WEIGHTINGS[config.weighting],
+            backward=accelerator.backward,
+            no_sync=lambda: accelerator.no_sync(model),
+        )
+        return ProgressiveStep(contrastive, config, total_steps)
+
+    return complete_run(
+        config,
+        accelerator,
+        data,
+        output_dir,
+        trainee=encoder,
+        make_step=make_step,
+        prepare=_batch_preparer(config, encoder, guide),
+        shape=f"{config.batch_size} queries x (1 positive + {config.hard_negatives} hard "
+        "negatives)",
+    )
+
+
+class ProgressiveStep:
+    """The embedder's step: gamma(t) of progressive learning, then the contrastive step."""
+
+    def __init__(self, contrastive: ContrastiveStep, config: TrainConfig, total_steps: int):
+        self.contrastive = contrastive
+        self.config = config
+        self.total_steps = total_steps
+
+    def __call__(self, inputs: StepInputs, step: int) -> StepLog:
+        config = self.config
+        gamma = gamma_at(
+            config.progressive,
+            step,
+            self.total_steps,
+            config.gamma_start,
+            config.gamma_end,
+            config.gamma_stairs,
+        )
+        stats = self.contrastive(inputs, gamma)
+        values = {
+            "loss": stats.loss,
+            "gamma": gamma,
+            "weight_mean": stats.weight_mean,
+            "weight_min": stats.weight_min,
+            "weight_max": stats.weight_max,
+            "positive_rank": stats.positive_rank,
+            "accuracy": stats.accuracy,
+            "masked": float(stats.masked),
+        }
+        return StepLog(values, stats.texts)
+
+
+def begin_run(config: RunConfig, *, hard_negatives: int) -> tuple[Accelerator, TrainData, Path]:
+    """The output folder (config.yaml written, partial writes removed), the Accelerator, the
+    seed, and the data with ``hard_negatives`` negatives per query: all before a model loads,
+    so that a bad line fails before minutes of model loading."""
     assert config.model and config.output_dir, "validate(config) checks both"
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -88,37 +166,37 @@ def set_up(config: TrainConfig) -> Run:
             yaml.safe_dump(config.to_dict(), allow_unicode=True, sort_keys=False), encoding="utf-8"
         )
     set_seed(config.seed)
-    # The data first: a bad line should fail before minutes of model loading.
     data = TrainData(
         config.train,
         batch_size=config.batch_size,
-        hard_negatives=config.hard_negatives,
+        hard_negatives=hard_negatives,
         seed=config.seed,
         source_weights=config.source_weights,
         skip_bad_lines=config.skip_bad_lines,
     )
-    encoder, guide = _load_models(config.model, config, accelerator.device)
+    return accelerator, data, output_dir
 
+
+def complete_run(
+    config: RunConfig,
+    accelerator: Accelerator,
+    data: TrainData,
+    output_dir: Path,
+    *,
+    trainee: Trainee,
+    make_step: Callable[[torch.nn.Module, int], Step],
+    prepare: Callable[[Batch], Any],
+    shape: str,
+) -> Run:
+    """AdamW and its schedule over the run's steps, prepared by accelerate with
+    ``trainee.model``; the step built by ``make_step(prepared model, total steps)``; and the
+    start: step 0, or the checkpoint ``config.resume`` names."""
     total_steps = config.max_steps or math.ceil(
         (config.epochs or 1.0) * data.total_lines / config.batch_size
     )
     model, optimizer, scheduler = accelerator.prepare(
-        encoder.model, *_optimizer(config, encoder.model, total_steps)
+        trainee.model, *_optimizer(config, trainee.model, total_steps)
     )
-    trainee = copy.copy(encoder)  # embeds through the (possibly DDP-wrapped) prepared model
-    trainee.model = model
-    step_fn = ContrastiveStep(
-        trainee,
-        mini_batch_size=config.mini_batch_size,
-        temperature=config.temperature,
-        chunk_size=config.loss_chunk_size,
-        false_negative_margin=config.false_negative_margin,
-        guide=guide,
-        weighting=None if config.progressive == "off" else WEIGHTINGS[config.weighting],
-        backward=accelerator.backward,
-        no_sync=lambda: accelerator.no_sync(model),
-    )
-
     step, data_state, best = 0, data.initial_state(), None
     resumed = _resume(accelerator, config, output_dir, data)
     if resumed is not None:
@@ -128,12 +206,13 @@ def set_up(config: TrainConfig) -> Run:
         output_dir=output_dir,
         accelerator=accelerator,
         data=data,
-        encoder=encoder,
+        trainee=trainee,
         model=model,
         optimizer=optimizer,
         scheduler=scheduler,
-        step_fn=step_fn,
-        prepare=_batch_preparer(config, encoder, guide),
+        step_fn=make_step(model, total_steps),
+        prepare=prepare,
+        shape=shape,
         total_steps=total_steps,
         step=step,
         data_state=data_state,
@@ -141,7 +220,7 @@ def set_up(config: TrainConfig) -> Run:
     )
 
 
-def _accelerator(config: TrainConfig, output_dir: Path) -> Accelerator:
+def _accelerator(config: RunConfig, output_dir: Path) -> Accelerator:
     on_gpu = torch.cuda.is_available()
     return Accelerator(
         cpu=not on_gpu and not torch.backends.mps.is_available(),
@@ -165,12 +244,11 @@ def _mixed_precision(setting: str, on_gpu: bool) -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
-def _load_models(
-    model: str, config: TrainConfig, device: torch.device
-) -> tuple[PEGEncoder, PEGEncoder | None]:
+def _load_models(config: TrainConfig, device: torch.device) -> tuple[PEGEncoder, PEGEncoder | None]:
     """The encoder to train, in float32 and ready for training, and the optional guide model."""
+    assert config.model, "validate(config) checks it"
     encoder = PEGEncoder.from_pretrained(
-        model,
+        config.model,
         dtype="float32",
         device=device,
         pooling=config.pooling,
@@ -179,10 +257,11 @@ def _load_models(
         max_length=config.max_length,
         trust_remote_code=config.trust_remote_code,
     )
-    encoder.model.train()
-    _freeze_unused(encoder)
-    if config.gradient_checkpointing:
-        _enable_checkpointing(encoder.model)
+    prepare_for_training(
+        encoder.model,
+        lambda: encoder.embed(encoder.collate(encoder.tokenize(["probe"], "passage")[0])).sum(),
+        config.gradient_checkpointing,
+    )
     guide = None
     if config.guide_model:
         guide = PEGEncoder.from_pretrained(
@@ -194,15 +273,21 @@ def _load_models(
     return encoder, guide
 
 
-def _freeze_unused(encoder: PEGEncoder) -> None:
-    """Freeze parameters the embedding never uses (e.g. BERT's pooler): they would get no
-    gradient, which DDP without find_unused_parameters treats as an error."""
-    features = encoder.collate(encoder.tokenize(["probe"], "passage")[0])
-    encoder.embed(features).sum().backward()
-    for parameter in encoder.model.parameters():
+def prepare_for_training(
+    model: torch.nn.Module, probe: Callable[[], torch.Tensor], gradient_checkpointing: bool
+) -> None:
+    """Training mode; parameters that ``probe()`` (a scalar from a forward pass) does not
+    depend on are frozen (e.g. BERT's pooler under an embedder): they would get no gradient,
+    which DDP without find_unused_parameters treats as an error; and gradient checkpointing
+    when asked."""
+    model.train()
+    probe().backward()
+    for parameter in model.parameters():
         if parameter.requires_grad and parameter.grad is None:
             parameter.requires_grad_(False)
-    encoder.model.zero_grad(set_to_none=True)
+    model.zero_grad(set_to_none=True)
+    if gradient_checkpointing:
+        _enable_checkpointing(model)
 
 
 def _enable_checkpointing(model: Any) -> None:
@@ -213,7 +298,7 @@ def _enable_checkpointing(model: Any) -> None:
 
 
 def _optimizer(
-    config: TrainConfig, model: torch.nn.Module, total_steps: int
+    config: RunConfig, model: torch.nn.Module, total_steps: int
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW and its learning-rate schedule over ``total_steps`` steps."""
     optimizer = torch.optim.AdamW(
@@ -259,22 +344,30 @@ def _batch_preparer(
     """Turns a batch into step inputs, with tokenizers of its own for the data thread."""
     return functools.partial(
         build_inputs,
-        tokenize=_own_tokenizer(encoder).tokenize,
+        tokenize=own_tokenizer(encoder).tokenize,
         mask_duplicates=config.mask_duplicates,
-        guide_tokenize=None if guide is None else _own_tokenizer(guide).tokenize,
+        guide_tokenize=None if guide is None else own_tokenizer(guide).tokenize,
     )
 
 
-def _own_tokenizer(encoder: PEGEncoder) -> PEGEncoder:
-    """A copy of ``encoder`` with a copy of its tokenizer: a fast tokenizer must not be used by
-    two threads at once, and evaluation tokenizes in the training thread."""
-    tokenizing = copy.copy(encoder)
-    tokenizing.tokenizer = copy.deepcopy(encoder.tokenizer)
+class _HasTokenizer(Protocol):
+    tokenizer: Any
+
+
+T = TypeVar("T", bound=_HasTokenizer)
+
+
+def own_tokenizer(owner: T) -> T:
+    """A copy of ``owner`` (an encoder or reranker) with a copy of its tokenizer: a fast
+    tokenizer must not be used by two threads at once, and evaluation tokenizes in the
+    training thread while the data thread prepares the next batch."""
+    tokenizing = copy.copy(owner)
+    tokenizing.tokenizer = copy.deepcopy(owner.tokenizer)
     return tokenizing
 
 
 def _resume(
-    accelerator: Accelerator, config: TrainConfig, output_dir: Path, data: TrainData
+    accelerator: Accelerator, config: RunConfig, output_dir: Path, data: TrainData
 ) -> tuple[int, dict[str, Any], dict[str, Any] | None] | None:
     """Load a checkpoint; returns (step, data state, best) or None to start afresh."""
     if not config.resume:
@@ -291,7 +384,9 @@ def _resume(
             raise ValueError(f"resume: checkpoint folder {path} does not exist")
     state = ckpt.read_state(path)
     saved = state.get("config", {})
-    changed = [k for k in DATA_ORDER_KEYS if k in saved and saved[k] != getattr(config, k)]
+    changed = [
+        k for k in type(config).DATA_ORDER_KEYS if k in saved and saved[k] != getattr(config, k)
+    ]
     if changed:
         raise ValueError(
             f"resume: {', '.join(changed)} differ from the checkpoint {path}; they decide the "

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -24,6 +25,21 @@ from .distributed import all_max, all_sum, gather_rows, rank_and_world, reduce_r
 from .grad_cache import first_pass, second_pass
 from .loss import chunked_infonce
 from .progressive import Weighting
+
+
+@dataclass
+class StepLog:
+    """What a training step reports to the loop, which adds lr, grad norm and throughput."""
+
+    values: dict[str, float]  # logged as train/<name>; "loss" and "positive_rank" always
+    texts: int  # texts (for a reranker: pairs) in the global batch, for texts per second
+
+
+class Step(Protocol):
+    """One optimizer step's worth of gradients: the loop in train.py calls it with the
+    prepared batch and the step number, then clips, steps the optimizer and logs."""
+
+    def __call__(self, inputs: Any, step: int) -> StepLog: ...
 
 
 @dataclass

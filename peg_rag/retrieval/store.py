@@ -8,6 +8,7 @@ once are read back as they are.
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -122,8 +123,9 @@ class ChromaStore:
     def ephemeral(cls, collection: str = "chunks", **kwargs) -> ChromaStore:
         """In-memory Chroma: nothing is written to disk (tests, one-off evaluations)."""
         client = chromadb.EphemeralClient(settings=cls._settings())
-        # Ephemeral clients in one process share a backend; a unique name keeps them apart.
-        name = f"{collection}-{os.getpid()}-{id(client):x}"
+        # Ephemeral clients in one process share a backend; a unique name keeps them apart
+        # (not id(client): a collected client's id is reused, with its collection still there).
+        name = f"{collection}-{uuid.uuid4().hex}"
         return cls(client, name, {"kind": "chroma-ephemeral"}, **kwargs)
 
     def _batches(self, n: int):
