@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -31,7 +30,7 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch
     return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
 
 
-class PEGEncoder:
+class PEGEncoder(backend.TorchModel):
     """Encode queries and passages with a BERT-style model into normalized float32 vectors.
 
     Build one with :meth:`from_pretrained`. Pooling, prompts, normalization and max length
@@ -59,12 +58,16 @@ class PEGEncoder:
     ) -> None:
         if pooling not in POOLING_MODES:
             raise ValueError(f"pooling must be one of {POOLING_MODES}, got {pooling!r}")
-        if tokenizer.pad_token_id is None:
-            raise ValueError("the tokenizer has no pad token, so batches cannot be padded")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.model = model
-        self.tokenizer = tokenizer
+        super().__init__(
+            model,
+            tokenizer,
+            max_length=max_length,
+            batch_size=batch_size,
+            show_progress_bar=show_progress_bar,
+            quantized=quantized,
+            name_or_path=name_or_path,
+            load_options=load_options,
+        )
         self.pooling = pooling
         self.normalize = normalize
         self.query_prompt = renamed(
@@ -73,12 +76,6 @@ class PEGEncoder:
         self.passage_prompt = renamed(
             "passage_instruction", "passage_prompt", passage_instruction, passage_prompt
         )
-        self.max_length = max_length
-        self.batch_size = batch_size
-        self.show_progress_bar = show_progress_bar
-        self.quantized = quantized
-        self.name_or_path = name_or_path
-        self.load_options = dict(load_options or {})
 
     @classmethod
     def from_pretrained(
@@ -144,10 +141,6 @@ class PEGEncoder:
     def dim(self) -> int:
         """Size of the vectors this encoder returns."""
         return int(self.model.config.hidden_size)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
 
     def prompt(self, kind: Kind | None) -> str:
         """The prefix added to texts of this kind ('' for None)."""
@@ -261,10 +254,5 @@ class PEGEncoder:
         Both ``PEGEncoder.from_pretrained`` and ``sentence_transformers.SentenceTransformer``
         load the result with the same pooling, normalization, prompts and max length.
         """
-        if self.quantized:
-            raise ValueError("an int8-quantized encoder cannot be saved; save the fp32 model")
-        path = Path(directory)
-        path.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(path, safe_serialization=True)
-        self.tokenizer.save_pretrained(path)
+        path = self.save_model(directory, "encoder")
         write_st_settings(path, self.dim, self.settings())

@@ -89,7 +89,7 @@ def _settings_max_length(model_dir: Path) -> int | None:
     return read_json(path).get("max_seq_length") if path.is_file() else None
 
 
-class Reranker:
+class Reranker(backend.TorchModel):
     """Score (query, passage) pairs with a cross-encoder; build one with :meth:`from_pretrained`.
 
     Pairs are tokenized together and truncated longest-first to ``max_length`` tokens, as
@@ -109,18 +109,16 @@ class Reranker:
         name_or_path: str = "",
         load_options: dict[str, Any] | None = None,
     ) -> None:
-        if tokenizer.pad_token_id is None:
-            raise ValueError("the tokenizer has no pad token, so batches cannot be padded")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.model = model
-        self.tokenizer = tokenizer
-        self.max_length = max_length
-        self.batch_size = batch_size
-        self.show_progress_bar = show_progress_bar
-        self.quantized = quantized
-        self.name_or_path = name_or_path
-        self.load_options = dict(load_options or {})
+        super().__init__(
+            model,
+            tokenizer,
+            max_length=max_length,
+            batch_size=batch_size,
+            show_progress_bar=show_progress_bar,
+            quantized=quantized,
+            name_or_path=name_or_path,
+            load_options=load_options,
+        )
 
     @classmethod
     def from_pretrained(
@@ -175,10 +173,6 @@ class Reranker:
             name_or_path=model_name(name_or_path),
             load_options=load_options,
         )
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
 
     def tokenize(
         self, pairs: Sequence[Pair]
@@ -263,15 +257,10 @@ class Reranker:
     def save_pretrained(self, directory: str | os.PathLike[str]) -> None:
         """Write the model, its tokenizer and the settings sentence-transformers reads, so that
         ``sentence_transformers.CrossEncoder(directory)`` gives the same logits."""
-        if self.quantized:
-            raise ValueError("an int8-quantized reranker cannot be saved; save the fp32 model")
-        path = Path(directory)
-        path.mkdir(parents=True, exist_ok=True)
         # CrossEncoder applies this activation in predict(); our default is raw logits.
         self.model.config.sentence_transformers = {"activation_fn": SIGMOID}
-        self.model.save_pretrained(path, safe_serialization=True)
         self.tokenizer.model_max_length = self.max_length
-        self.tokenizer.save_pretrained(path)
+        path = self.save_model(directory, "reranker")
         write_json(path / ST_SETTINGS, {"max_seq_length": self.max_length}, indent=2)
 
     def describe(self) -> dict[str, Any]:

@@ -8,8 +8,10 @@ compute is wasted, and the longest batch comes first, so a too-large batch fails
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -169,3 +171,48 @@ def run_sorted(
     finally:
         model.train(was_training)
     return out
+
+
+class TorchModel:
+    """What PEGEncoder and Reranker share: a transformers model and its tokenizer, how they
+    were loaded (``name_or_path``, ``load_options``: device, dtype, quantize,
+    trust_remote_code) and how texts are batched."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: Any,
+        *,
+        max_length: int,
+        batch_size: int,
+        show_progress_bar: bool,
+        quantized: bool,
+        name_or_path: str,
+        load_options: dict[str, Any] | None,
+    ) -> None:
+        if tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer has no pad token, so batches cannot be padded")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.show_progress_bar = show_progress_bar
+        self.quantized = quantized
+        self.name_or_path = name_or_path
+        self.load_options = dict(load_options or {})
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def save_model(self, directory: str | os.PathLike[str], what: str) -> Path:
+        """Write the model and tokenizer to ``directory`` (created); returns it as a Path."""
+        if self.quantized:
+            raise ValueError(f"an int8-quantized {what} cannot be saved; save the fp32 model")
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path, safe_serialization=True)
+        self.tokenizer.save_pretrained(path)
+        return path
