@@ -10,7 +10,6 @@ import math
 import random
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from trainer_utils import (
     assert_close_vectors,
     assert_same_weights,
     gradients,
+    kill_while_writing_checkpoint,
     make_records,
     recorded_run,
     weights,
@@ -250,21 +250,7 @@ def test_sigkill_mid_checkpoint_then_resume_gives_the_same_weights(workspace, st
     root, model = workspace
     result, _ = straight
     config = settings(root, model, "killed", save_steps=2)
-    # A child process that SIGKILLs itself while writing checkpoint 4, after accelerate's state
-    # and the model are on disk, before trainer_state.json and the rename.
-    script = textwrap.dedent(f"""
-        import os, signal
-        from peg_rag.trainer import checkpoint, make_reranker_config, train_reranker
-        write_json = checkpoint.write_json
-        def dying(path, value, **kwargs):
-            if ".tmp-checkpoint-4" in str(path):
-                os.kill(os.getpid(), signal.SIGKILL)
-            write_json(path, value, **kwargs)
-        checkpoint.write_json = dying
-        train_reranker(make_reranker_config({config!r}))
-    """)
-    child = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=300)
-    assert child.returncode == -9, child.stderr.decode()[-2000:]
+    kill_while_writing_checkpoint(config, "make_reranker_config", "train_reranker")
     out = root / "killed"
     assert (out / "checkpoints" / ".tmp-checkpoint-4" / "model.safetensors").is_file()
     assert [p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith(".")] == [

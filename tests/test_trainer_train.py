@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 from helpers import CHINESE_TEXTS, build_tiny_model
-from trainer_utils import make_records, weights, write_lines
+from trainer_utils import kill_while_writing_checkpoint, make_records, weights, write_lines
 
 from peg_rag.core.encoder import PEGEncoder
 from peg_rag.trainer import data as data_module
@@ -142,21 +142,7 @@ def test_sigkill_during_checkpoint_write_resumes_from_the_previous_one(workspace
     root, model = workspace
     result, _ = straight
     config = settings(root, model, "killed", save_steps=2)
-    # A child process that SIGKILLs itself in the middle of writing checkpoint 4: after
-    # accelerate's state and the model are on disk, before trainer_state.json and the rename.
-    script = textwrap.dedent(f"""
-        import os, signal, sys
-        from peg_rag.trainer import checkpoint, make_config, train
-        write_json = checkpoint.write_json
-        def dying(path, value, **kwargs):
-            if ".tmp-checkpoint-4" in str(path):
-                os.kill(os.getpid(), signal.SIGKILL)
-            write_json(path, value, **kwargs)
-        checkpoint.write_json = dying
-        train(make_config({config!r}))
-    """)
-    child = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=300)
-    assert child.returncode == -9, child.stderr.decode()[-2000:]
+    kill_while_writing_checkpoint(config, "make_config", "train")
     out = root / "killed"
     partial = out / "checkpoints" / ".tmp-checkpoint-4"
     assert (partial / "model.safetensors").is_file()  # really killed mid-write

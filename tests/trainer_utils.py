@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import torch
@@ -108,3 +111,22 @@ def assert_same_weights(a: Path, b: Path, rtol: float = 1e-5, atol: float = 1e-6
     assert left.keys() == right.keys()
     for name in left:
         torch.testing.assert_close(left[name], right[name], rtol=rtol, atol=atol)
+
+
+def kill_while_writing_checkpoint(config: dict, make: str, run: str, step: int = 4) -> None:
+    """Train ``config`` in a child process (``run(make(config))`` from peg_rag.trainer) that
+    SIGKILLs itself in the middle of writing checkpoint ``step``: after accelerate's state and
+    the model are on disk, before trainer_state.json and the rename."""
+    script = textwrap.dedent(f"""
+        import os, signal
+        from peg_rag.trainer import checkpoint, {make}, {run}
+        write_json = checkpoint.write_json
+        def dying(path, value, **kwargs):
+            if ".tmp-checkpoint-{step}" in str(path):
+                os.kill(os.getpid(), signal.SIGKILL)
+            write_json(path, value, **kwargs)
+        checkpoint.write_json = dying
+        {run}({make}({config!r}))
+    """)
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=300)
+    assert child.returncode == -9, child.stderr.decode()[-2000:]
