@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 from peg_rag.core.files import write_json, write_text
+from peg_rag.retrieval.evaluate import set_name
 
 from . import checkpoint as ckpt
 from .config import RunConfig
@@ -38,7 +39,7 @@ from .step import StepLog
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-__all__ = ["TrainResult", "folder_name", "run_training"]
+__all__ = ["TrainResult", "run_training"]
 
 logger = logging.getLogger("peg_rag")
 
@@ -64,21 +65,14 @@ class TrainResult:
         return "\n".join(lines)
 
 
-def folder_name(path: str) -> str:
-    """An eval set's name in metrics: its folder (the folder of a pairs .tsv file)."""
-    return Path(path).name if Path(path).is_dir() else Path(path).parent.name
-
-
 def run_training(
     run: Run,
     evaluate: Callable[[Any, str], dict[str, float]],
-    *,
-    set_name: Callable[[str], str] | None = None,
 ) -> TrainResult:
     """Step ``run`` to its last step, then evaluate, save the final model and return.
 
-    ``evaluate(run.trainee, path)`` scores each ``eval_dirs`` entry, named in the metrics by
-    ``set_name(path)`` (default :func:`folder_name`).
+    ``evaluate(run.trainee, path)`` scores each ``eval_dirs`` entry, named in the metrics as
+    ``peg-rag eval`` names sets (:func:`peg_rag.retrieval.evaluate.set_name`).
     """
     config = run.config
     accelerator, main = run.accelerator, run.accelerator.is_main_process
@@ -86,7 +80,7 @@ def run_training(
     if config.report_to != "none":
         accelerator.init_trackers("peg-rag", config=_tracker_config(config))
     evaluator = (
-        _Evaluator(config, evaluate, run.trainee, run.output_dir, run.best, set_name or folder_name)
+        _Evaluator(config, evaluate, run.trainee, run.output_dir, run.best)
         if config.eval_dirs
         else None
     )
@@ -246,20 +240,18 @@ class _Evaluator:
         trainee: Trainee,
         output_dir: Path,
         best: dict[str, Any] | None,
-        set_name: Callable[[str], str],
     ) -> None:
         self.config = config
         self.evaluate = evaluate
         self.trainee = trainee
         self.best = best
         self.best_dir = output_dir / "best-model"
-        self.set_name = set_name
 
     def run(self, step: int, accelerator: Accelerator, log: _JsonLog) -> dict[str, float]:
         metrics: dict[str, float] = {}
         if accelerator.is_main_process:
             for folder in self.config.eval_dirs:
-                name = self.set_name(folder)
+                name = set_name(folder)
                 for key, value in self.evaluate(self.trainee, folder).items():
                     metrics[f"{name}/{key}"] = float(value)
             self.trainee.model.train()  # in case an evaluate function switched it to eval

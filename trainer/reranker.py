@@ -42,7 +42,7 @@ from peg_rag.core.torch_backend import collate
 from .config import command_line, validate
 from .loop import TrainResult, run_training
 from .reranker_config import DESCRIPTION, RerankerConfig
-from .reranker_eval import RerankEvaluation, set_name
+from .reranker_eval import RerankEvaluation
 from .reranker_step import RerankerStep, build_pair_inputs
 from .setup import Run, begin_run, complete_run, own_tokenizer, prepare_for_training
 from .step import Step
@@ -67,7 +67,7 @@ def train_reranker(
         for path in config.eval_dirs:  # a bad held-out set fails before training starts
             evaluation.load(path)
         evaluate = evaluation
-    return run_training(set_up_reranker(config), evaluate, set_name=set_name)
+    return run_training(set_up_reranker(config), evaluate)
 
 
 def set_up_reranker(config: RerankerConfig) -> Run:

@@ -31,7 +31,7 @@ from peg_rag.core.beir import load_beir
 from peg_rag.core.metrics import retrieval_scores
 from peg_rag.core.records import DataError, FileLine, read_jsonl
 from peg_rag.core.reranker import Reranker
-from peg_rag.retrieval.evaluate import judged_queries
+from peg_rag.retrieval.evaluate import judged_queries, set_name
 
 from .data import Example, parse_example
 
@@ -47,12 +47,6 @@ class CandidateSet:
     corpus: dict[str, str]  # document id -> text
     candidates: dict[str, list[str]]  # query id -> document ids to rerank
     qrels: dict[str, dict[str, int]]  # query id -> document id -> grade (> 0: relevant)
-
-
-def set_name(path: str | Path) -> str:
-    """How a held-out set is named in logged metrics: a folder's name, a file's stem."""
-    path = Path(path)
-    return path.name if path.is_dir() else path.stem
 
 
 def _held_out_line(record: dict[str, Any], where: FileLine) -> Example:

@@ -12,7 +12,7 @@ from peg_rag.core.encoder import PEGEncoder
 from peg_rag.retrieval.evaluate import evaluate_folder
 
 from .config import TrainConfig, validate
-from .loop import TrainResult, folder_name, run_training
+from .loop import TrainResult, run_training
 from .setup import DATA_ORDER_KEYS, set_up
 
 __all__ = ["DATA_ORDER_KEYS", "Evaluate", "TrainResult", "run_training", "train"]
@@ -28,4 +28,4 @@ def train(config: TrainConfig, *, evaluate: Evaluate | None = None) -> TrainResu
     :func:`peg_rag.retrieval.evaluate.evaluate_folder`).
     """
     validate(config)
-    return run_training(set_up(config), evaluate or evaluate_folder, set_name=folder_name)
+    return run_training(set_up(config), evaluate or evaluate_folder)

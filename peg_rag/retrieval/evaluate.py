@@ -198,11 +198,12 @@ def evaluate_folder(encoder: Encoder, folder: str | Path) -> dict[str, float]:
 
 
 def set_name(path: str | Path) -> str:
-    """How a set is named in reports: its folder, or a loose .tsv file's stem."""
+    """How a set is named in reports and logged metrics: a folder's name; a file's stem, or
+    its folder's name for a ``pairs.tsv``."""
     path = Path(path).resolve()
-    if path.name == "pairs.tsv":
-        return path.parent.name
-    return path.stem if path.suffix == ".tsv" else path.name
+    if path.is_dir():
+        return path.name
+    return path.parent.name if path.name == "pairs.tsv" else path.stem
 
 
 def load_sets(paths: Sequence[str | Path]) -> dict[str, EvalSet]:
