@@ -315,10 +315,12 @@ def report(work: Path, smoke: bool, lock: str | None) -> None:
         results_file.RESULTS = work / "RESULTS.md"
     timings = json.loads((work / "timings.json").read_text(encoding="utf-8"))
     prepared = json.loads((work / "data" / "prepared.json").read_text(encoding="utf-8"))
-    evaluated = {
+    evaluated = {  # a set whose evaluation has not run yet is named as missing
         name: json.loads((work / "eval" / f"{name}.json").read_text(encoding="utf-8"))
         for name in EVAL_SETS
+        if (work / "eval" / f"{name}.json").exists()
     }
+    missing = [name for name in EVAL_SETS if name not in evaluated]
     output = work / "runs" / "reranker"
     logged = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
     best_file = output / "best-model" / "best.json"
@@ -422,7 +424,8 @@ def report(work: Path, smoke: bool, lock: str | None) -> None:
             *table,
             "",
             "nDCG@10 change from reranking: "
-            + "; ".join(f"{name} {gain:+.2f}" for name, gain in gains.items()),
+            + "; ".join(f"{name} {gain:+.2f}" for name, gain in gains.items())
+            + (f". Not evaluated yet: {', '.join(missing)}." if missing else ""),
             "",
             f"Training: {max(r['step'] for r in logged)} steps, loss "
             + (f"{losses[0]:.3f} -> {losses[-1]:.3f}" if losses else "-")
