@@ -104,7 +104,8 @@ def measure(index_dir: Path, reranker_dir: Path, per_group: int) -> tuple[dict, 
 def render(results: dict, reranker_dir: Path, chunks: int) -> str:
     lines = [
         f"- Index: {chunks:,} chunks (retrieval_latency.py's 100k corpus, 256-token chunks, "
-        "embedded Chroma + BM25 with the default tokenizer), encoder `../shared/models/me5-small-zh`; reranker "
+        "embedded Chroma + BM25 with the default tokenizer), encoder "
+        "`../shared/models/me5-small-zh`; reranker "
         f"`{reranker_dir}` (max length 256). `retrieve(query, k=10, reranker=R, "
         f"rerank_top_n={TOP_N})`, one query at a time, query encoding included, fp32 and int8 "
         f"set-ups alternating per query, after {WARM_UP} warm-up queries per group.",
