@@ -3,7 +3,8 @@
 Runs interleaved (A B C A B C ...) in one process on the same 2,000 (query, passage) pairs
 from the shared eval sets (1,000 short kuake-qtr-dev pairs, 1,000 long cmrc2018-dev pairs, each
 query with a judged passage or a random one), with the same batch size and max length, and
-reports median pairs/s and the ratio to CrossEncoder.predict in fp32.
+reports median pairs/s and the ratio to CrossEncoder.predict in fp32. The Reranker rows are
+torch fp32, torch int8 and ONNX Runtime int8 (``backend="onnx"``, exported once and cached).
 
 The default model is me5-small-zh with a fresh one-logit head (seeded), saved as a
 cross-encoder under the cache directory: speed does not depend on what the head learned.
@@ -84,11 +85,13 @@ def main() -> None:
     common = {"device": "cpu", "max_length": args.max_length, "batch_size": args.batch_size}
     fp32 = Reranker.from_pretrained(model, **common)
     int8 = Reranker.from_pretrained(model, quantize="int8", **common)
+    onnx_int8 = Reranker.from_pretrained(model, backend="onnx", quantize="int8", **common)
     peer = CrossEncoder(str(model), device="cpu", max_length=args.max_length)
     runs = {
         "CrossEncoder.predict fp32": lambda part: peer.predict(part, batch_size=args.batch_size),
         "Reranker fp32": fp32.score_pairs,
         "Reranker int8": int8.score_pairs,
+        "Reranker ONNX int8": onnx_int8.score_pairs,
     }
     for fn in runs.values():  # warm-up: allocator, thread pools, lazy initialization
         fn(work[:64])
@@ -105,7 +108,7 @@ def main() -> None:
     speed = {name: len(work) / statistics.median(s) for name, s in seconds.items()}
     base = speed["CrossEncoder.predict fp32"]
     lines = [
-        header("Reranking throughput (issue 11)"),
+        header("Reranking throughput (issues 11 and 13)"),
         f"- Model: {model.name} ({fp32.model.config.num_hidden_layers} layers x "
         f"{fp32.model.config.hidden_size}); pairs: {len(work)} "
         f"({args.per_set} kuake-qtr-dev, {args.per_set} cmrc2018-dev; judged or random "

@@ -100,14 +100,34 @@ def evaluate(name: str, encoder) -> dict:
     )
     variants = [
         ("bm25s default tokenizer (regex \\w\\w+)", None, 1.2, 0.75),
-        ("jieba search", ChineseTokenizer(stopwords=[], char_unigrams=False), 1.2, 0.75),
-        ("jieba search + stopwords", ChineseTokenizer(char_unigrams=False), 1.2, 0.75),
-        ("jieba search + characters", ChineseTokenizer(stopwords=[]), 1.2, 0.75),
-        ("jieba search + stopwords + characters (default)", ChineseTokenizer(), 1.2, 0.75),
-        ("jieba precise + stopwords + characters", ChineseTokenizer(mode="precise"), 1.2, 0.75),
-        ("default tokens, k1=0.9 b=0.4", ChineseTokenizer(), 0.9, 0.4),
-        ("default tokens, k1=1.5 b=0.75", ChineseTokenizer(), 1.5, 0.75),
-        ("default tokens, k1=1.2 b=0.5", ChineseTokenizer(), 1.2, 0.5),
+        (
+            "jieba search",
+            ChineseTokenizer(segmenter="jieba", stopwords=[], char_unigrams=False),
+            1.2,
+            0.75,
+        ),
+        (
+            "jieba search + stopwords",
+            ChineseTokenizer(segmenter="jieba", char_unigrams=False),
+            1.2,
+            0.75,
+        ),
+        ("jieba search + characters", ChineseTokenizer(segmenter="jieba", stopwords=[]), 1.2, 0.75),
+        (
+            "jieba search + stopwords + characters (default)",
+            ChineseTokenizer(segmenter="jieba"),
+            1.2,
+            0.75,
+        ),
+        (
+            "jieba precise + stopwords + characters",
+            ChineseTokenizer(segmenter="jieba", mode="precise"),
+            1.2,
+            0.75,
+        ),
+        ("default tokens, k1=0.9 b=0.4", ChineseTokenizer(segmenter="jieba"), 0.9, 0.4),
+        ("default tokens, k1=1.5 b=0.75", ChineseTokenizer(segmenter="jieba"), 1.5, 0.75),
+        ("default tokens, k1=1.2 b=0.5", ChineseTokenizer(segmenter="jieba"), 1.2, 0.5),
     ]
     tokens_of: dict[str, list] = {}
     ablation = {}

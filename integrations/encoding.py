@@ -24,6 +24,7 @@ LOAD_OPTIONS = (
     "dtype",
     "trust_remote_code",
     "quantize",
+    "backend",
 )
 # Field names of peg-rag 0.1, accepted with a warning until 0.3.
 RENAMED = {"query_instruction": "query_prompt", "passage_instruction": "passage_prompt"}
@@ -91,6 +92,9 @@ class EncoderOptions(BaseModel):
     device: str | None = Field(default=None, description="cpu, cuda, mps (default: best).")
     dtype: str | None = Field(default=None, description="float32, bfloat16 or float16.")
     quantize: str | None = Field(default=None, description="'int8': dynamic int8 on CPU.")
+    backend: str | None = Field(
+        default=None, description="'torch' (default) or 'onnx': ONNX Runtime on the CPU."
+    )
     trust_remote_code: bool = Field(default=False, description="Run code shipped with the model.")
 
     _runner: EncoderRunner = PrivateAttr()

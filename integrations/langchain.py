@@ -237,7 +237,7 @@ class PEGReranker(RerankerOptions, BaseDocumentCompressor):
     ``normalize=True``.
 
     ``model`` is a hub id or a local directory; ``max_length``, ``device``, ``dtype``,
-    ``quantize`` and ``trust_remote_code`` are Reranker's loading options. Pass
+    ``quantize``, ``backend`` and ``trust_remote_code`` are Reranker's loading options. Pass
     ``reranker=`` to reuse an already loaded Reranker instead. ``acompress_documents``
     runs the model in a worker thread, so the event loop keeps running meanwhile.
     """

@@ -298,7 +298,7 @@ class PEGRerank(RerankerOptions, BaseNodePostprocessor):
     its metadata as ``retrieval_score`` (out of what the LLM and the embedder see).
 
     ``model`` is a hub id or a local directory; ``max_length``, ``device``, ``dtype``,
-    ``quantize`` and ``trust_remote_code`` are Reranker's loading options. Pass
+    ``quantize``, ``backend`` and ``trust_remote_code`` are Reranker's loading options. Pass
     ``reranker=`` to reuse an already loaded Reranker instead. The async path runs the
     model in a worker thread, so the event loop keeps running meanwhile.
     """

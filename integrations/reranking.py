@@ -11,7 +11,7 @@ from peg_rag.core import Reranker
 from peg_rag.core.reranker import DEFAULT_RERANKER
 
 # Reranker.from_pretrained options the wrappers expose as their own fields.
-LOAD_OPTIONS = ("max_length", "device", "dtype", "quantize", "trust_remote_code")
+LOAD_OPTIONS = ("max_length", "device", "dtype", "quantize", "backend", "trust_remote_code")
 
 
 class RerankerOptions(BaseModel):
@@ -34,6 +34,9 @@ class RerankerOptions(BaseModel):
     device: str | None = Field(default=None, description="cpu, cuda, mps (default: best).")
     dtype: str | None = Field(default=None, description="float32, bfloat16 or float16.")
     quantize: str | None = Field(default=None, description="'int8': dynamic int8 on CPU.")
+    backend: str | None = Field(
+        default=None, description="'torch' (default) or 'onnx': ONNX Runtime on the CPU."
+    )
     trust_remote_code: bool = Field(default=False, description="Run code shipped with the model.")
 
     _reranker: Reranker = PrivateAttr()

@@ -10,12 +10,12 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from peg_rag.commands import demo, encode, index, mine, query, train, train_reranker
+from peg_rag.commands import demo, encode, export, index, mine, query, serve, train, train_reranker
 from peg_rag.commands import eval as evaluate
 from peg_rag.core.extras import MissingExtraError
 
 # Each module defines register(subparsers), which adds its parser and sets ``run``.
-COMMANDS = (encode, mine, evaluate, train, train_reranker, index, query, demo)
+COMMANDS = (encode, mine, evaluate, train, train_reranker, index, query, demo, serve, export)
 
 
 def build_parser() -> argparse.ArgumentParser:

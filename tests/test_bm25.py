@@ -136,3 +136,28 @@ def test_save_and_load_keep_tokenizer_and_scores_without_pickle(tmp_path):
         json.loads((tmp_path / name).read_text(encoding="utf-8"))
     loaded.add(["d6"], ["故宫门票"])  # a loaded index keeps working
     assert loaded.search("故宫", k=1)[0][0] == "d6"
+
+
+@pytest.mark.parametrize("method", BM25Index.METHODS)
+def test_score_matrix_is_the_one_bm25s_builds(method):
+    import bm25s
+
+    texts = [*DOCS.values(), "", "糖尿病糖尿病糖尿病饮食", "的了吗"]  # an empty and a stopword row
+    index = BM25Index(method=method, k1=1.5, b=0.6)
+    index.add([f"r{i}" for i in range(len(texts))], texts)
+    index.delete(["r1"])  # leaves words no row uses, pruned before building
+    built = index._built().scores
+    reference = bm25s.BM25(method=method, k1=1.5, b=0.6)
+    reference.index(
+        ([t.tolist() for t in index._tokens], dict(index._vocab)),
+        create_empty_token=False,
+        show_progress=False,
+    )
+    for name in ("data", "indices", "indptr"):
+        np.testing.assert_allclose(built[name], reference.scores[name], rtol=1e-6)
+        assert built[name].dtype == reference.scores[name].dtype
+
+
+def test_character_tokens_leave_out_stopword_characters():
+    assert ChineseTokenizer()("医生的书") == ["医生", "书", "医", "生", "书"]  # 的: a stopword
+    assert ChineseTokenizer(stopwords=["书"])("医生的书") == ["医生", "的", "医", "生", "的"]

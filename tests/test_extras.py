@@ -22,6 +22,7 @@ def test_require_names_the_extra():
         ("accelerate", "from peg_rag import trainer\ntrainer.train", "train"),
         ("llama_index", "import peg_rag.integrations.llama_index", "llama-index"),
         ("langchain_core", "import peg_rag.integrations.langchain", "langchain"),
+        ("fastapi", "import peg_rag.serve.app", "serve"),
     ],
 )
 def test_a_missing_extra_is_named(blocked, code, extra):

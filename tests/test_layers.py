@@ -55,6 +55,8 @@ def test_the_installed_layout_keeps_every_contract(tree):
         ("peg_rag.retrieval.evaluate", "import peg_rag.trainer.loss", "One-way layers"),
         ("peg_rag.trainer.mine", "from peg_rag.commands import common", "One-way layers"),
         ("peg_rag.integrations.hybrid", "import peg_rag.trainer.data", "Integrations use only"),
+        ("peg_rag.apps.rag_chat", "import peg_rag.serve.settings", "One-way layers"),
+        ("peg_rag.integrations.hybrid", "import peg_rag.serve.app", "Integrations use only"),
         ("peg_rag.core.records", "import peg_rag.core.documents", "No import cycles"),
     ],
 )

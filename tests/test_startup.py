@@ -11,7 +11,19 @@ import pytest
 
 import peg_rag
 
-HEAVY = ("torch", "transformers", "chromadb", "bm25s", "scipy", "jieba")
+HEAVY = (
+    "torch",
+    "transformers",
+    "chromadb",
+    "bm25s",
+    "scipy",
+    "jieba",
+    "rjieba",
+    "fastapi",
+    "uvicorn",
+    "onnxruntime",
+    "onnx",
+)
 
 
 def loaded_after(code: str) -> list[str]:
@@ -33,7 +45,8 @@ def test_the_whole_command_line_parser_loads_no_heavy_library():
     code = "import contextlib, io\nfrom peg_rag.cli import main\n"
     code += "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
     code += "    main(['--help'])\n"
-    for command in ("encode", "mine", "eval", "train", "index", "query", "demo"):
+    commands = ("encode", "mine", "eval", "train", "index", "query", "demo", "serve", "export")
+    for command in commands:
         code += "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
         code += f"    main([{command!r}, '--help'])\n"
     assert loaded_after(code) == []

@@ -6,17 +6,28 @@ import argparse
 
 from peg_rag import core
 from peg_rag.core.deprecation import renamed
-from peg_rag.core.encoding import DEFAULT_BATCH_SIZE, DTYPES, POOLING_MODES
+from peg_rag.core.encoding import BACKENDS, DEFAULT_BATCH_SIZE, DTYPES, POOLING_MODES
 from peg_rag.retrieval.settings import HybridSettings
 
 RERANK_TOP_N = HybridSettings().rerank_top_n
 
 
 def add_runtime_arguments(group: argparse._ArgumentGroup, what: str = "texts") -> None:
-    """Where and how fast the encoder runs: --device, --dtype, --quantize, --batch-size."""
+    """Where and how fast the encoder runs: --backend, --device, --dtype, --quantize,
+    --batch-size."""
+    group.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        help="torch, or onnx: ONNX Runtime on the CPU, exported once and cached (default: "
+        "the index's, else torch)",
+    )
     group.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best available)")
     group.add_argument("--dtype", choices=DTYPES)
-    group.add_argument("--quantize", choices=["int8"], help="dynamic int8 Linear layers (CPU)")
+    group.add_argument(
+        "--quantize",
+        choices=["int8"],
+        help="dynamic int8 on the CPU: the Linear layers (torch), the whole graph (onnx)",
+    )
     group.add_argument(
         "--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help=f"{what} per forward pass"
     )
@@ -58,12 +69,14 @@ def load_encoder(args: argparse.Namespace, model: str | None = None) -> core.PEG
         batch_size=args.batch_size,
         trust_remote_code=args.trust_remote_code,
         quantize=args.quantize,
+        backend=args.backend or "torch",
         show_progress_bar=True,
     )
 
 
 def add_reranker_arguments(parser: argparse.ArgumentParser, help_model: str) -> None:
-    """--reranker and --rerank-top-n (runtime: the encoder's --device, --dtype, --quantize)."""
+    """--reranker and --rerank-top-n (runtime: the encoder's --backend, --device, --dtype,
+    --quantize)."""
     group = parser.add_argument_group("reranking")
     group.add_argument("--reranker", metavar="MODEL", help=help_model)
     group.add_argument(
@@ -75,11 +88,13 @@ def add_reranker_arguments(parser: argparse.ArgumentParser, help_model: str) -> 
 
 
 def load_reranker(args: argparse.Namespace) -> core.Reranker | None:
-    """The --reranker model, on the encoder's device, dtype and quantization; None if unset."""
+    """The --reranker model, on the encoder's backend, device, dtype and quantization; None if
+    unset."""
     if not args.reranker:
         return None
     return core.Reranker.from_pretrained(
         args.reranker,
+        backend=args.backend or "torch",
         device=args.device,
         dtype=args.dtype,
         quantize=args.quantize,

@@ -20,7 +20,12 @@ from tqdm.auto import tqdm
 from peg_rag import retrieval
 from peg_rag.core.documents import Document, find_files, read_documents, source_name
 from peg_rag.core.files import read_json, write_json
-from peg_rag.retrieval.settings import CHUNK_UNITS, HybridSettings
+from peg_rag.retrieval.settings import (
+    BM25_TOKENIZERS,
+    CHUNK_UNITS,
+    DEFAULT_BM25_TOKENIZER,
+    HybridSettings,
+)
 
 from .common import add_encoder_arguments, load_encoder, load_reranker
 
@@ -58,6 +63,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="map full-width forms to half-width in chunks",
     )
+    chunking.add_argument(
+        "--bm25-tokenizer",
+        choices=BM25_TOKENIZERS,
+        help="word segmenter under BM25: jieba (pure Python) or rjieba (jieba-rs, faster); "
+        f"default: {DEFAULT_BM25_TOKENIZER}",
+    )
     chunking.add_argument("--user-dict", type=Path, help="jieba user dictionary for BM25")
     chunking.add_argument(
         "--english-stopwords", action="store_true", help="also drop English stopwords in BM25"
@@ -89,6 +100,7 @@ def _open_index(args: argparse.Namespace) -> retrieval.HybridRetriever:
     if retrieval.is_index(args.index_dir):
         retriever = retrieval.HybridRetriever.load(
             args.index_dir,
+            backend=args.backend,
             device=args.device,
             dtype=args.dtype,
             quantize=args.quantize,
@@ -102,11 +114,19 @@ def _open_index(args: argparse.Namespace) -> retrieval.HybridRetriever:
                 f"{args.index_dir} was built with model {saved}; --model {args.model} differs "
                 "(use a new --index-dir for another model)"
             )
+        segmenter = retriever.bm25.tokenizer.segmenter
+        if args.bm25_tokenizer not in (None, segmenter):
+            raise ValueError(
+                f"{args.index_dir} was built with --bm25-tokenizer {segmenter}; an index keeps "
+                f"its BM25 tokenizer (use a new --index-dir for {args.bm25_tokenizer})"
+            )
         return retriever
     if not args.model:
         raise ValueError(f"{args.index_dir} holds no index yet; give --model to create one")
     tokenizer = retrieval.ChineseTokenizer(
-        user_dict=args.user_dict, english_stopwords=args.english_stopwords
+        segmenter=args.bm25_tokenizer or DEFAULT_BM25_TOKENIZER,
+        user_dict=args.user_dict,
+        english_stopwords=args.english_stopwords,
     )
     return retrieval.HybridRetriever.create(
         args.index_dir,

@@ -87,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
     pairs = _read_queries(args.queries) if args.queries else [("", args.query)]
     retriever = retrieval.HybridRetriever.load(
         args.index_dir,
+        backend=args.backend,
         device=args.device,
         dtype=args.dtype,
         quantize=args.quantize,

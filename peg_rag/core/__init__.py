@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from .documents import Document
     from .encoder import PEGEncoder
     from .encoding import Encoder, vector_settings
+    from .model_export import export_model
     from .model_files import ModelNotFoundError
     from .reranker import NotACrossEncoderError, Reranker
 
@@ -22,6 +23,7 @@ __all__ = [
     "NotACrossEncoderError",
     "PEGEncoder",
     "Reranker",
+    "export_model",
     "vector_settings",
 ]
 __getattr__, __dir__ = lazy_exports(
@@ -33,6 +35,7 @@ __getattr__, __dir__ = lazy_exports(
         "NotACrossEncoderError": ".reranker",
         "PEGEncoder": ".encoder",
         "Reranker": ".reranker",
+        "export_model": ".model_export",
         "vector_settings": ".encoding",
     },
 )

@@ -8,11 +8,11 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from transformers import AutoModel, PreTrainedModel
+from transformers import AutoModel
 
-from . import torch_backend as backend
+from . import torch_backend
 from .deprecation import renamed, warn_renamed
-from .encoding import DEFAULT_BATCH_SIZE, POOLING_MODES, Kind, check_texts
+from .encoding import DEFAULT_BATCH_SIZE, POOLING_MODES, Kind, check_runtime, check_texts
 from .model_files import (
     STSettings,
     model_name,
@@ -30,7 +30,7 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch
     return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
 
 
-class PEGEncoder(backend.TorchModel):
+class PEGEncoder(torch_backend.TorchModel):
     """Encode queries and passages with a BERT-style model into normalized float32 vectors.
 
     Build one with :meth:`from_pretrained`. Pooling, prompts, normalization and max length
@@ -40,7 +40,7 @@ class PEGEncoder(backend.TorchModel):
 
     def __init__(
         self,
-        model: PreTrainedModel,
+        model: torch_backend.Model,
         tokenizer,
         *,
         pooling: str = "cls",
@@ -92,6 +92,7 @@ class PEGEncoder(backend.TorchModel):
         batch_size: int = DEFAULT_BATCH_SIZE,
         trust_remote_code: bool = False,
         quantize: Literal["int8"] | None = None,
+        backend: Literal["torch", "onnx"] = "torch",
         show_progress_bar: bool = False,
         query_instruction: str | None = None,
         passage_instruction: str | None = None,
@@ -101,16 +102,21 @@ class PEGEncoder(backend.TorchModel):
         Explicit arguments win over the sentence-transformers files; ``normalize=None``
         means "as the files say, else True". ``dtype`` defaults to bf16 (fp16 without bf16
         support) on GPU and fp32 elsewhere. ``quantize="int8"`` applies dynamic int8
-        quantization to the Linear layers, on CPU only. ``query_instruction`` and
-        ``passage_instruction`` are deprecated names of the prompts.
+        quantization to the Linear layers, on CPU only. ``backend="onnx"`` runs the model
+        on ONNX Runtime on the CPU (float32, or the whole graph in int8 with
+        ``quantize="int8"``), from the folder's ``onnx/`` files or an export cached on first
+        use (see ``peg_rag.core.onnx_backend``); such an encoder is inference-only.
+        ``query_instruction`` and ``passage_instruction`` are deprecated names of the prompts.
         """
+        check_runtime(backend, quantize)
         query_prompt = renamed("query_instruction", "query_prompt", query_instruction, query_prompt)
         passage_prompt = renamed(
             "passage_instruction", "passage_prompt", passage_instruction, passage_prompt
         )
         model_dir = resolve_model_dir(name_or_path)
         found = read_st_settings(model_dir)
-        model, tokenizer, load_options = backend.load(
+        model, tokenizer, load_options = torch_backend.load_model(
+            backend,
             model_dir,
             AutoModel,
             device=device,
@@ -118,7 +124,7 @@ class PEGEncoder(backend.TorchModel):
             quantize=quantize,
             trust_remote_code=trust_remote_code,
         )
-        limit = backend.position_limit(model, tokenizer)
+        limit = torch_backend.position_limit(model, tokenizer)
         length = max_length or min(found.max_length or limit, limit)
         if length > limit:
             raise ValueError(f"max_length={length} exceeds the model's limit of {limit} tokens")
@@ -192,7 +198,7 @@ class PEGEncoder(backend.TorchModel):
 
     def collate(self, ids: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
         """Pad id lists to the longest one and move them to the model's device."""
-        return backend.collate(ids, self.tokenizer.pad_token_id, self.device)
+        return torch_backend.collate(ids, self.tokenizer.pad_token_id, self.device)
 
     def embed(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         """Differentiable forward: pooled (and normalized) float32 embeddings of a batch."""
@@ -215,11 +221,11 @@ class PEGEncoder(backend.TorchModel):
         logs one warning with the count.
         """
         ids, truncated = self.tokenize(texts, kind)
-        backend.warn_truncated(truncated, len(ids), self.max_length)
+        torch_backend.warn_truncated(truncated, len(ids), self.max_length)
         out = np.empty((len(ids), self.dim), dtype=np.float32)
         if not ids:
             return out
-        return backend.run_sorted(
+        return torch_backend.run_sorted(
             self.model,
             [len(row) for row in ids],
             batch_size or self.batch_size,

@@ -16,6 +16,16 @@ Kind = Literal["query", "passage"]
 DEFAULT_BATCH_SIZE = 32  # texts per forward pass
 DTYPES = ("float32", "bfloat16", "float16")
 POOLING_MODES = ("cls", "mean")
+BACKENDS = ("torch", "onnx")  # what runs the model: torch, or ONNX Runtime on the CPU
+QUANTIZE = (None, "int8")
+
+
+def check_runtime(backend: str, quantize: str | None) -> None:
+    """Reject an unknown backend or quantization, naming the choices."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if quantize not in QUANTIZE:
+        raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
 
 
 def check_texts(texts: Sequence[str]) -> None:
@@ -34,8 +44,9 @@ class Encoder(Protocol):
     """An embedding model with sentence-transformers-style settings.
 
     ``name_or_path`` is how it was loaded (a hub id, or a local directory's absolute path)
-    and ``load_options`` the runtime options it was loaded with (``device``, ``dtype``,
-    ``quantize``, ``trust_remote_code``), so that the same encoder can be loaded again.
+    and ``load_options`` the runtime options it was loaded with (``backend``, ``device``,
+    ``dtype``, ``quantize``, ``trust_remote_code``), so that the same encoder can be loaded
+    again.
     ``query_prompt`` / ``passage_prompt`` are the prefixes added to each kind of text.
     ``tokenizer`` is a Hugging Face fast tokenizer (the chunker counts its tokens).
     """

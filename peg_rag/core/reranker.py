@@ -26,10 +26,10 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
+from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from . import torch_backend as backend
-from .encoding import DEFAULT_BATCH_SIZE
+from . import torch_backend
+from .encoding import DEFAULT_BATCH_SIZE, check_runtime
 from .files import read_json, write_json
 from .model_files import model_name, resolve_model_dir
 
@@ -89,7 +89,7 @@ def _settings_max_length(model_dir: Path) -> int | None:
     return read_json(path).get("max_seq_length") if path.is_file() else None
 
 
-class Reranker(backend.TorchModel):
+class Reranker(torch_backend.TorchModel):
     """Score (query, passage) pairs with a cross-encoder; build one with :meth:`from_pretrained`.
 
     Pairs are tokenized together and truncated longest-first to ``max_length`` tokens, as
@@ -99,7 +99,7 @@ class Reranker(backend.TorchModel):
 
     def __init__(
         self,
-        model: PreTrainedModel,
+        model: torch_backend.Model,
         tokenizer: Any,
         *,
         max_length: int = DEFAULT_MAX_LENGTH,
@@ -131,6 +131,7 @@ class Reranker(backend.TorchModel):
         batch_size: int = DEFAULT_BATCH_SIZE,
         trust_remote_code: bool = False,
         quantize: Literal["int8"] | None = None,
+        backend: Literal["torch", "onnx"] = "torch",
         show_progress_bar: bool = False,
         new_head: bool = False,
     ) -> Reranker:
@@ -138,10 +139,13 @@ class Reranker(backend.TorchModel):
 
         ``max_length`` defaults to the model's settings (``sentence_bert_config.json``, else
         its tokenizer), capped at 512; an explicit value may go up to the position limit.
-        ``device``, ``dtype`` and ``quantize="int8"`` work as for PEGEncoder. With
-        ``new_head=True`` an embedding model without a classification head gets a freshly
-        initialized one-logit head (for training, see ``peg-rag train-reranker``).
+        ``device``, ``dtype``, ``quantize="int8"`` and ``backend`` work as for PEGEncoder.
+        With ``new_head=True`` an embedding model without a classification head gets a
+        freshly initialized one-logit head (for training, see ``peg-rag train-reranker``).
         """
+        check_runtime(backend, quantize)
+        if new_head and backend == "onnx":
+            raise ValueError("new_head=True is for training; backend='onnx' is inference-only")
         model_dir = resolve_model_dir(name_or_path)
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
         if new_head and not any(
@@ -150,7 +154,8 @@ class Reranker(backend.TorchModel):
             config.num_labels = 1
         else:
             check_cross_encoder(config, str(name_or_path))
-        model, tokenizer, load_options = backend.load(
+        model, tokenizer, load_options = torch_backend.load_model(
+            backend,
             model_dir,
             AutoModelForSequenceClassification,
             device=device,
@@ -159,7 +164,7 @@ class Reranker(backend.TorchModel):
             trust_remote_code=trust_remote_code,
             config=config,
         )
-        limit = backend.position_limit(model, tokenizer)
+        limit = torch_backend.position_limit(model, tokenizer)
         length = max_length or min(_settings_max_length(model_dir) or limit, DEFAULT_MAX_LENGTH)
         if length > limit:
             raise ValueError(f"max_length={length} exceeds the model's limit of {limit} tokens")
@@ -214,7 +219,7 @@ class Reranker(backend.TorchModel):
     ) -> np.ndarray:
         """One score per (query, passage) pair: logits, or sigmoids with ``normalize``."""
         ids, types, truncated = self.tokenize(pairs)
-        backend.warn_truncated(truncated, len(ids), self.max_length, "pairs")
+        torch_backend.warn_truncated(truncated, len(ids), self.max_length, "pairs")
         out = np.empty(len(ids), dtype=np.float32)
         if not ids:
             return out
@@ -223,9 +228,9 @@ class Reranker(backend.TorchModel):
         def forward(index: np.ndarray) -> torch.Tensor:
             rows = [ids[i] for i in index]
             kinds = [types[i] for i in index] if types is not None else None
-            return self.logits(backend.collate(rows, pad, self.device, kinds))
+            return self.logits(torch_backend.collate(rows, pad, self.device, kinds))
 
-        backend.run_sorted(
+        torch_backend.run_sorted(
             self.model,
             [len(row) for row in ids],
             batch_size or self.batch_size,

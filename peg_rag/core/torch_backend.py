@@ -1,5 +1,6 @@
 """The torch backend that PEGEncoder and Reranker share: load a transformers model for
-inference, pad token ids into batches, and run them longest first.
+inference, pad token ids into batches, and run them longest first. ``backend="onnx"``
+swaps the model for an ONNX Runtime session (``onnx_backend``); the batching stays.
 
 Length-sorted batches keep padding small: similar lengths share a batch, so little padded
 compute is wasted, and the longest batch comes first, so a too-large batch fails at once.
@@ -19,11 +20,13 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedModel
 
-from .encoding import DTYPES
+from . import onnx_backend
+from .encoding import DTYPES, QUANTIZE
+from .onnx_backend import OnnxModel
 
 logger = logging.getLogger("peg_rag")
 _DTYPES = dict(zip(DTYPES, (torch.float32, torch.bfloat16, torch.float16), strict=True))
-QUANTIZE = (None, "int8")
+Model = PreTrainedModel | OnnxModel  # what runs the batches, by backend
 
 
 def default_device() -> torch.device:
@@ -81,6 +84,7 @@ def load(
         model,
         tokenizer,
         {
+            "backend": "torch",
             "device": str(torch_device),
             "dtype": str(torch_dtype).removeprefix("torch."),
             "quantize": quantize,
@@ -89,7 +93,17 @@ def load(
     )
 
 
-def position_limit(model: PreTrainedModel, tokenizer: Any) -> int:
+def load_model(
+    backend: str, model_dir: Any, auto_class: Any, *, quantize: str | None, **options: Any
+) -> tuple[Model, Any, dict[str, Any]]:
+    """:func:`load` for ``backend="torch"``, ``onnx_backend.load`` for ``"onnx"`` (callers
+    check both names first with ``encoding.check_runtime``)."""
+    if backend == "onnx":
+        return onnx_backend.load(model_dir, auto_class, quantize=quantize, **options)
+    return load(model_dir, auto_class, quantize=quantize, **options)
+
+
+def position_limit(model: Model, tokenizer: Any) -> int:
     """The most tokens the model takes: its position embeddings, or less if the tokenizer says."""
     limit = getattr(model.config, "max_position_embeddings", None) or 512
     if getattr(model.config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
@@ -174,13 +188,14 @@ def run_sorted(
 
 
 class TorchModel:
-    """What PEGEncoder and Reranker share: a transformers model and its tokenizer, how they
-    were loaded (``name_or_path``, ``load_options``: device, dtype, quantize,
-    trust_remote_code) and how texts are batched."""
+    """What PEGEncoder and Reranker share: a transformers model (or an ONNX Runtime session
+    in its place) and its tokenizer, how they were loaded (``name_or_path``,
+    ``load_options``: backend, device, dtype, quantize, trust_remote_code) and how texts are
+    batched."""
 
     def __init__(
         self,
-        model: PreTrainedModel,
+        model: Model,
         tokenizer: Any,
         *,
         max_length: int,
@@ -205,10 +220,15 @@ class TorchModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return self.model.device
 
     def save_model(self, directory: str | os.PathLike[str], what: str) -> Path:
         """Write the model and tokenizer to ``directory`` (created); returns it as a Path."""
+        if not isinstance(self.model, PreTrainedModel):
+            raise ValueError(
+                f"a {what} on ONNX Runtime is inference-only and cannot be saved; load it with "
+                "backend='torch' to save it, or write its ONNX files with peg-rag export"
+            )
         if self.quantized:
             raise ValueError(f"an int8-quantized {what} cannot be saved; save the fp32 model")
         path = Path(directory)

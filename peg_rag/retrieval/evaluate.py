@@ -79,7 +79,8 @@ def index_corpus(
 ) -> HybridRetriever:
     """A hybrid index of ``{doc_id: text}``, in memory unless ``index_dir`` is given.
 
-    ``settings`` are HybridSettings fields (fusion, weights, candidates...); chunking is off.
+    ``settings`` go to :meth:`HybridRetriever.create`: HybridSettings fields (fusion,
+    weights, candidates...), ``bm25_tokenizer`` or ``tokenizer``; chunking is off.
     """
     retriever = HybridRetriever.create(index_dir, encoder, **{**settings, "chunk_size": 0})
     retriever.add(
@@ -129,7 +130,7 @@ def hybrid_runs(
     """Runs of "bm25" and/or "hybrid" from a HybridRetriever over the whole documents, and
     "hybrid+rerank" when ``rerank`` holds a ``reranker`` (and ``rerank_top_n``).
 
-    Its defaults apply (jieba BM25, relative-score fusion of BM25 with the dense store);
+    Its defaults apply (BM25 tokenizer, relative-score fusion of BM25 with the dense store);
     the dense half searches the store's HNSW index, while ``dense_run`` is exact.
     """
     retriever = index_corpus(data.corpus, encoder)

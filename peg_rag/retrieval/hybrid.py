@@ -56,9 +56,12 @@ from .index_files import (
 )
 from .results import STAGES, RetrievalResult, rerank
 from .settings import (
+    BM25_TOKENIZERS,
+    DEFAULT_BM25_TOKENIZER,
     FUSIONS,
     METHODS,
     RETRIEVERS,
+    BM25Tokenizer,
     Fusion,
     HybridSettings,
     Method,
@@ -145,6 +148,7 @@ class HybridRetriever:
         *,
         store: VectorStore | None = None,
         tokenizer: ChineseTokenizer | None = None,
+        bm25_tokenizer: BM25Tokenizer | None = None,
         k1: float = 1.2,
         b: float = 0.75,
         overwrite: bool = False,
@@ -156,13 +160,24 @@ class HybridRetriever:
         ``encoder`` is a PEGEncoder or a model name/directory for PEGEncoder.from_pretrained.
         ``index_dir=None`` keeps everything in memory (an ephemeral Chroma; nothing is
         written). ``store`` defaults to embedded Chroma in ``index_dir/chroma``; pass
-        ``ChromaStore.http(...)`` for a Chroma server. ``tokenizer`` configures BM25
+        ``ChromaStore.http(...)`` for a Chroma server. ``bm25_tokenizer`` is the word
+        segmenter under BM25, "jieba" or "rjieba" (default: ``DEFAULT_BM25_TOKENIZER`` of
+        :mod:`.settings`); the index keeps it for good. ``tokenizer`` configures BM25 further
         (user dictionary, stopwords...). ``reranker`` (a Reranker or a model name) becomes
         the index's default second stage, recorded in its manifest. Other keywords are
         :class:`HybridSettings` fields (chunk_size, chunk_overlap, chunk_unit, fusion,
         weights, candidates, rerank_top_n...).
         """
         options = HybridSettings(**settings)
+        if tokenizer is None:
+            segmenter = bm25_tokenizer or DEFAULT_BM25_TOKENIZER
+            check_choice("bm25_tokenizer", segmenter, BM25_TOKENIZERS)
+            tokenizer = ChineseTokenizer(segmenter=segmenter)
+        elif bm25_tokenizer not in (None, tokenizer.segmenter):
+            raise ValueError(
+                f"bm25_tokenizer={bm25_tokenizer!r} but the tokenizer given segments with "
+                f"{tokenizer.segmenter!r}; pass only one of them"
+            )
         if isinstance(encoder, (str, os.PathLike)):
             encoder = PEGEncoder.from_pretrained(encoder)
         if isinstance(reranker, (str, os.PathLike)):
@@ -203,7 +218,7 @@ class HybridRetriever:
         }
         if reranker is not None:
             config["reranker"] = reranker.describe()
-        bm25 = BM25Index(tokenizer or ChineseTokenizer(), k1=k1, b=b)
+        bm25 = BM25Index(tokenizer, k1=k1, b=b)
         retriever = cls(
             encoder=encoder,
             store=store,
@@ -233,16 +248,20 @@ class HybridRetriever:
 
         The encoder is loaded from the model and settings saved at creation unless an
         already-loaded ``encoder`` is passed (it must produce the same vectors).
-        ``encoder_options`` (device, dtype, quantize, batch_size...) go to
-        PEGEncoder.from_pretrained. Vectors are read from the store, never re-embedded,
-        except for chunks the store lost when ``repair=True``.
+        ``encoder_options`` (backend, device, dtype, quantize, batch_size...) go to
+        PEGEncoder.from_pretrained; ``backend`` and ``quantize`` default to those the index
+        was built with (torch for indexes that do not record them). Vectors are read from
+        the store, never re-embedded, except for chunks the store lost when ``repair=True``.
         ``reranker``: None loads the default one recorded at creation (if any), False runs
         without one, a Reranker or a model name replaces it for this session; it loads with
-        the same ``device``, ``dtype`` and ``quantize`` as the encoder.
+        the same ``backend``, ``device``, ``dtype`` and ``quantize`` as the encoder.
         """
         path = Path(index_dir)
         config = read_manifest(path)
         saved = config["encoder"]
+        recorded = {"backend": saved.get("backend", "torch"), "quantize": saved.get("quantize")}
+        given = {k: v for k, v in encoder_options.items() if v is not None}
+        encoder_options = {**recorded, **given}
         if encoder is None:
             encoder = PEGEncoder.from_pretrained(
                 saved["model"],
@@ -259,7 +278,7 @@ class HybridRetriever:
         if reranker is None and "reranker" in config:
             reranker = config["reranker"]["model"]
         if isinstance(reranker, (str, os.PathLike)):
-            runtime = ("device", "dtype", "quantize", "trust_remote_code")
+            runtime = ("backend", "device", "dtype", "quantize", "trust_remote_code")
             reranker = Reranker.from_pretrained(
                 reranker, **{k: v for k, v in encoder_options.items() if k in runtime}
             )

@@ -69,8 +69,18 @@ def is_index(path: str | os.PathLike[str]) -> bool:
 
 
 def encoder_record(encoder: Encoder) -> dict[str, Any]:
-    """How to load the same encoder again, and what its vectors look like."""
-    return {"model": encoder.name_or_path, **vector_settings(encoder), "dim": encoder.dim}
+    """How to load the same encoder again (model, backend, quantization), and what its
+    vectors look like."""
+    runtime = {
+        "backend": encoder.load_options.get("backend", "torch"),
+        "quantize": encoder.load_options.get("quantize"),
+    }
+    return {
+        "model": encoder.name_or_path,
+        **runtime,
+        **vector_settings(encoder),
+        "dim": encoder.dim,
+    }
 
 
 def probe_vector(encoder: Encoder) -> list[float]:
