@@ -148,3 +148,36 @@ def test_a_new_head_makes_an_embedding_model_trainable(tmp_path):
     fresh = Reranker.from_pretrained(encoder_dir, new_head=True)
     assert fresh.model.config.num_labels == 1
     assert fresh.score_pairs(PAIRS[:2]).shape == (2,)
+
+
+def test_a_new_head_revives_a_blank_pooler(tmp_path):
+    """An embedding checkpoint with an all-zero pooler (multilingual-e5 ships one) would give
+    every pair the same logit and the encoder no gradient; a new head re-initializes it."""
+    from safetensors.torch import load_file, save_file
+
+    encoder_dir = build_tiny_model(tmp_path / "encoder", seed=3)
+    weights_file = encoder_dir / "model.safetensors"
+    weights = load_file(weights_file)
+    kept = {k: v.clone() for k, v in weights.items() if k.startswith("pooler.")}
+    assert kept, "the tiny model should have a pooler"
+    save_file(
+        {k: torch.zeros_like(v) if k in kept else v for k, v in weights.items()},
+        weights_file,
+        metadata={"format": "pt"},
+    )
+
+    torch.manual_seed(0)
+    fresh = Reranker.from_pretrained(encoder_dir, new_head=True, device="cpu")
+    pooler = fresh.model.base_model.pooler.dense
+    assert pooler.weight.abs().max() > 0
+    fresh.model.train()
+    ids, types, _ = fresh.tokenize(PAIRS[:2])
+    features = {"input_ids": torch.tensor([ids[0][:8], ids[1][:8]])}
+    fresh.logits(features).sum().backward()
+    embeddings = fresh.model.base_model.embeddings.word_embeddings.weight
+    assert embeddings.grad is not None and embeddings.grad.abs().max() > 0
+
+    # A pooler with weights is left as it is.
+    save_file({**weights, **kept}, weights_file, metadata={"format": "pt"})
+    same = Reranker.from_pretrained(encoder_dir, new_head=True, device="cpu")
+    assert torch.equal(same.model.base_model.pooler.dense.weight, kept["pooler.dense.weight"])

@@ -84,6 +84,23 @@ def check_cross_encoder(config: Any, name: str) -> None:
         )
 
 
+def reset_blank_pooler(model: Any) -> bool:
+    """Give an all-zero pooler a fresh initialization; True if it had one.
+
+    Embedding checkpoints trained without the pooler often ship it as zeros
+    (multilingual-e5 does). In front of a new head, tanh(0 x + 0) = 0 for every pair: all
+    logits are equal and no gradient reaches the encoder until the pooler has grown, which a
+    short run never lets it do (issue 11's first run: pooler weights still under 0.004).
+    """
+    dense = getattr(getattr(model.base_model, "pooler", None), "dense", None)
+    if dense is None or bool(dense.weight.detach().any()):
+        return False
+    with torch.no_grad():  # as transformers initializes a new Linear
+        torch.nn.init.normal_(dense.weight, std=model.config.initializer_range)
+        torch.nn.init.zeros_(dense.bias)
+    return True
+
+
 def _settings_max_length(model_dir: Path) -> int | None:
     path = model_dir / ST_SETTINGS
     return read_json(path).get("max_seq_length") if path.is_file() else None
@@ -148,9 +165,10 @@ class Reranker(torch_backend.TorchModel):
             raise ValueError("new_head=True is for training; backend='onnx' is inference-only")
         model_dir = resolve_model_dir(name_or_path)
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-        if new_head and not any(
+        fresh = new_head and not any(
             a.endswith("ForSequenceClassification") for a in config.architectures or []
-        ):
+        )
+        if fresh:
             config.num_labels = 1
         else:
             check_cross_encoder(config, str(name_or_path))
@@ -164,6 +182,8 @@ class Reranker(torch_backend.TorchModel):
             trust_remote_code=trust_remote_code,
             config=config,
         )
+        if fresh:
+            reset_blank_pooler(model)
         limit = torch_backend.position_limit(model, tokenizer)
         length = max_length or min(_settings_max_length(model_dir) or limit, DEFAULT_MAX_LENGTH)
         if length > limit:
