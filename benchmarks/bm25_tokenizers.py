@@ -26,7 +26,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from results_file import header, update_section
+from results_file import publish
 from retrieval_common import EVAL, MODEL, SETS, CachedEncoder, default_vector_cache
 
 from peg_rag import PEGEncoder
@@ -182,14 +182,7 @@ def main() -> None:
     cached = CachedEncoder(encoder, args.cache, kinds=("passage", "query"))
     results["quality"] = {name: quality(name, cached, args.limit) for name in args.sets}
     body = render(results)
-    print(body)
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(results, handle, indent=1)
-    if args.write:
-        update_section(
-            "bm25_tokenizers", header("BM25 tokenizers (issue 13): jieba vs rjieba") + "\n" + body
-        )
+    publish("bm25_tokenizers", "BM25 tokenizers (issue 13): jieba vs rjieba", body, results, args)
 
 
 if __name__ == "__main__":

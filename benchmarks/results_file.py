@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import platform
 import subprocess
 import sys
@@ -56,3 +57,14 @@ def update_section(key: str, body: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     RESULTS.write_text(text, encoding="utf-8")
+
+
+def publish(key: str, title: str, body: str, results: object, args) -> None:
+    """Print ``body``; write ``results`` to ``args.json`` if given; with ``args.write``,
+    replace section ``key`` of RESULTS.md with ``title``'s header and ``body``."""
+    print(body)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(results, handle, indent=1)
+    if args.write:
+        update_section(key, header(title) + "\n" + body)

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from results_file import header, update_section
+from results_file import publish
 from retrieval_common import (
     EVAL,
     MODEL,
@@ -253,12 +253,7 @@ def main() -> None:
         print(size, json.dumps(results[size]), flush=True)
     results["long"] = long_chunk_bm25_rate(encoder)
     body = render(results)
-    print(body)
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(results, handle, indent=1)
-    if args.write:
-        update_section("hybrid_latency", header("Hybrid retrieval (issue 5): speed") + "\n" + body)
+    publish("hybrid_latency", "Hybrid retrieval (issue 5): speed", body, results, args)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import json
 import time
 from pathlib import Path
 
-from results_file import header, update_section
+from results_file import publish
 from retrieval_common import EVAL, MODEL, SETS, CachedEncoder, default_vector_cache
 
 from peg_rag import PEGEncoder
@@ -216,14 +216,7 @@ def main() -> None:
         results[name] = evaluate(name, encoder)
         print(name, json.dumps(results[name]["scores"]), flush=True)
     body = render(results)
-    print(body)
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(results, handle, indent=1)
-    if args.write:
-        update_section(
-            "hybrid_quality", header("Hybrid retrieval (issue 5): quality") + "\n" + body
-        )
+    publish("hybrid_quality", "Hybrid retrieval (issue 5): quality", body, results, args)
 
 
 if __name__ == "__main__":
