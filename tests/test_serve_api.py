@@ -263,6 +263,27 @@ def test_indexes_share_the_models_they_have_in_common(files):
     assert indexes["kb-other"].retriever.encoder is not models.encoder
 
 
+def test_backend_onnx_runs_every_model_on_onnx_runtime_with_the_same_vectors(files, encoder):
+    pytest.importorskip("onnxruntime")
+    settings = ServeSettings(
+        model=str(files.model),
+        reranker=str(files.reranker),
+        indexes={"kb": files.kb},
+        backend="onnx",
+    )
+    with running(create_app(settings)) as url:
+        wait_ready(url)
+        answer = post(url, "/v1/embeddings", {"model": NAME, "input": CHINESE_TEXTS[:3]})
+        hits = post(url, "/v1/retrieve", {"index": "kb", "query": QUERY, "rerank": True})
+    models = load_models(settings)
+    runtimes = [models.encoder, models.reranker, models.indexes["kb"].retriever.encoder]
+    assert [m.load_options["backend"] for m in runtimes] == ["onnx"] * 3
+    vectors = np.array([row["embedding"] for row in answer.json()["data"]])
+    expected = encoder.encode_passages(CHINESE_TEXTS[:3])
+    assert np.allclose((vectors * expected).sum(axis=1), 1.0, atol=1e-4)
+    assert [r["ranks"]["rerank"] for r in hits.json()["results"]] == [1, 2, 3, 4, 5]
+
+
 def test_models_health_and_metrics(server):
     models = httpx.get(f"{server}/v1/models", headers=AUTH).json()
     kinds = {m["id"]: m["type"] for m in models["data"]}

@@ -48,6 +48,12 @@ def test_variables_set_every_field_and_flags_win():
     assert flagged.truncate is True  # not given as a flag: the variable still holds
 
 
+def test_runtime_holds_only_what_is_given():
+    assert parse("--model", "m").runtime == {}  # each index's recorded runtime applies
+    settings = parse("--model", "m", "--backend", "onnx", env={"PEG_RAG_QUANTIZE": "int8"})
+    assert settings.runtime == {"backend": "onnx", "quantize": "int8"}
+
+
 def test_defaults_bind_to_loopback_without_key_or_cors():
     settings = parse("--model", "m")
     assert (settings.host, settings.port, settings.api_key, settings.cors_origin) == (
@@ -71,6 +77,8 @@ def test_defaults_bind_to_loopback_without_key_or_cors():
         (("--model", "m"), {"PEG_RAG_TRUNCATE": "maybe"}, "PEG_RAG_TRUNCATE"),
         (("--model", "m"), {"PEG_RAG_PORT": "http"}, "PEG_RAG_PORT"),
         (("--model", "m", "--api-key", " "), {}, "the API key is empty"),
+        (("--model", "m"), {"PEG_RAG_BACKEND": "tensorrt"}, "backend must be one of"),
+        (("--model", "m"), {"PEG_RAG_QUANTIZE": "int4"}, "quantize must be None or 'int8'"),
     ],
 )
 def test_bad_settings_are_named(flags, env, message):

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from peg_rag import serve
-from peg_rag.core.encoding import DTYPES
+from peg_rag.core.encoding import BACKENDS, DTYPES
 from peg_rag.serve.settings import ServeSettings, env_name, from_env, parse_indexes
 
 # Each field's default (the model has none), for the help and to know which flags exist.
@@ -101,9 +101,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         const=True,
     )
     runtime = parser.add_argument_group("model runtime")
+    _add(
+        runtime,
+        "--backend",
+        "backend",
+        "torch, or onnx: ONNX Runtime on the CPU, exported once and cached (default: torch)",
+        choices=BACKENDS,
+    )
     _add(runtime, "--device", "device", "cpu, cuda, cuda:1, mps (default: best available)")
     _add(runtime, "--dtype", "dtype", "model dtype", choices=DTYPES)
-    _add(runtime, "--quantize", "quantize", "dynamic int8 Linear layers (CPU)", choices=["int8"])
+    _add(
+        runtime,
+        "--quantize",
+        "quantize",
+        "dynamic int8 on the CPU: the Linear layers (torch), the whole graph (onnx)",
+        choices=["int8"],
+    )
     chat = parser.add_argument_group("chat (any OpenAI-compatible LLM; key: PEG_RAG_LLM_API_KEY)")
     _add(chat, "--llm-model", "llm_model", "chat model; unset: extractive answers")
     _add(chat, "--llm-base-url", "llm_base_url", "its endpoint, e.g. http://localhost:11434/v1")

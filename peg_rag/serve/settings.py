@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from peg_rag.core.encoding import check_runtime
+
 ENV_PREFIX = "PEG_RAG_"
 # Index names are model ids for the chat route and appear in URLs: no ':' (the model
 # aliases use it), no '/' and nothing a shell or a URL would need to escape.
@@ -70,6 +72,7 @@ class ServeSettings:
     max_batch_tokens: int = 16_384
     max_wait_ms: float = 5.0
     no_batching: bool = False
+    backend: str | None = None
     device: str | None = None
     dtype: str | None = None
     quantize: str | None = None
@@ -90,6 +93,7 @@ class ServeSettings:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("the API key is empty; give one or leave it unset")
+        check_runtime(self.backend or "torch", self.quantize)
         if self.name in self.indexes:
             raise ValueError(f"index name {self.name!r} is the embedding model's served name")
 
@@ -101,9 +105,14 @@ class ServeSettings:
 
     @property
     def runtime(self) -> dict[str, Any]:
-        """Device, dtype and quantization for every model the server loads: only those
-        given, so that an index's own recorded runtime applies otherwise."""
-        given = {"device": self.device, "dtype": self.dtype, "quantize": self.quantize}
+        """Backend, device, dtype and quantization for every model the server loads: only
+        those given, so that an index's own recorded runtime applies otherwise."""
+        given = {
+            "backend": self.backend,
+            "device": self.device,
+            "dtype": self.dtype,
+            "quantize": self.quantize,
+        }
         return {k: v for k, v in given.items() if v is not None}
 
 
