@@ -8,9 +8,12 @@ same model and threads:
 
 - ``batching on``: ``peg-rag serve --truncate`` (dynamic batching, the defaults);
 - ``batching off``: the same server with ``--no-batching``, one request per forward pass;
-- ``infinity``: an infinity-emb server started separately from its own virtual environment
-  (its pins conflict with ours), given as ``--infinity-url`` (texts carry the model's
-  prompt there, as our server adds it).
+- ``infinity``: infinity-emb (torch engine, fp32, CPU, the same model folder) from its own
+  virtual environment, since its pins conflict with ours: ``--infinity-env DIR`` starts
+  ``DIR/bin/infinity_emb v2`` on 127.0.0.1 after our rows (made with ``python3.11 -m venv
+  DIR && DIR/bin/pip install torch==2.13.0 "infinity-emb[server,torch]"``), or
+  ``--infinity-url`` names one already running. Texts carry the model's prompt there, as our
+  server adds it.
 
 Then the goals' other measures: p99 of a direct ``PEGEncoder`` call and of ``GET /health``
 (the HTTP overhead) against the 1-client p99; the server's RSS across ``--rss-requests``
@@ -18,7 +21,7 @@ requests after warm-up; and a 32-client run with faults mixed in (clients that h
 malformed bodies, over-limit requests), where every well-formed request must succeed.
 
     python benchmarks/serve_load.py [--model DIR] [--requests 2000] [--seconds 60] [--write]
-        [--infinity-url http://127.0.0.1:7997 --infinity-model NAME]
+        [--infinity-env /work/venvs/infinity | --infinity-url URL --infinity-model NAME]
     python benchmarks/serve_load.py --smoke --model DIR   # a few requests, to check it runs
 """
 
@@ -41,7 +44,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import httpx
-from results_file import header, update_section
+from results_file import publish
 from retrieval_common import EVAL, MODEL
 
 from peg_rag.core.beir import load_beir
@@ -120,22 +123,47 @@ def peg_server(model: str, threads: int | None, *extra: str) -> Iterator[tuple[s
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     process = subprocess.Popen([*command, *extra], env=env)
     try:
-        deadline = time.monotonic() + 600
-        while True:
-            if process.poll() is not None:
-                raise SystemExit(f"peg-rag serve exited with {process.returncode}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("peg-rag serve did not become ready in 10 minutes")
-            time.sleep(0.2)
-        yield f"http://127.0.0.1:{port}/v1", process.pid
+        yield (
+            wait_healthy(process, f"http://127.0.0.1:{port}", "peg-rag serve") + "/v1",
+            process.pid,
+        )
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(60)
+
+
+@contextmanager
+def infinity_server(env: Path, model: str, name: str, threads: int | None) -> Iterator[str]:
+    """infinity-emb from the virtual environment ``env``, on a free port of 127.0.0.1."""
+    port = free_port()
+    command = [str(env / "bin" / "infinity_emb"), "v2", "--model-id", model]
+    command += ["--served-model-name", name, "--engine", "torch", "--device", "cpu"]
+    command += ["--dtype", "float32", "--host", "127.0.0.1", "--port", str(port)]
+    environ = {**os.environ, "DO_NOT_TRACK": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0"}
+    if threads:
+        environ.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    process = subprocess.Popen(command, env=environ)
+    try:
+        yield wait_healthy(process, f"http://127.0.0.1:{port}", "infinity_emb")
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(60)
+
+
+def wait_healthy(process: subprocess.Popen, base: str, what: str) -> str:
+    """Wait (10 minutes at most) until ``base``/health answers 200; returns ``base``."""
+    deadline = time.monotonic() + 600
+    while True:
+        if process.poll() is not None:
+            raise SystemExit(f"{what} exited with {process.returncode}")
+        try:
+            if httpx.get(f"{base}/health").status_code == 200:
+                return base
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{what} did not become ready in 10 minutes")
+        time.sleep(0.2)
 
 
 def body_for(target: dict, kind: str, text: str) -> dict:
@@ -294,22 +322,26 @@ def measure(args) -> dict:
                     faults(url, name, texts["queries"], args.fault_requests, max(args.clients))
                 )
                 print(json.dumps({k: report[k] for k in ("rss_mb", "faults")}), flush=True)
-    if args.infinity_url:
-        target = {
-            "setup": "infinity",
-            "url": loopback_only(args.infinity_url),
-            "model": args.infinity_model or name,
-            "prompts": prompts,
-        }
-        for kind in KINDS:
-            for clients in args.clients:
-                row = asyncio.run(load(target, kind, texts[kind], clients, args)).row()
-                report["rows"].append(row)
-                print(json.dumps(row), flush=True)
+    if args.infinity_env:
+        with infinity_server(args.infinity_env, args.model, name, args.threads) as url:
+            report["rows"] += infinity_rows(url, name, prompts, texts, args)
+    elif args.infinity_url:
+        url = loopback_only(args.infinity_url)
+        report["rows"] += infinity_rows(url, args.infinity_model or name, prompts, texts, args)
     report["direct_p99_ms"] = direct_p99(
         args.model, texts["queries"][: args.health_requests], args.threads
     )
     return report
+
+
+def infinity_rows(url: str, model: str, prompts: dict, texts: dict, args) -> list[dict]:
+    target = {"setup": "infinity", "url": url, "model": model, "prompts": prompts}
+    rows = []
+    for kind in KINDS:
+        for clients in args.clients:
+            rows.append(asyncio.run(load(target, kind, texts[kind], clients, args)).row())
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def render(report: dict, args) -> str:
@@ -381,9 +413,11 @@ def main() -> None:
     parser.add_argument("--health-requests", type=int, default=500)
     parser.add_argument("--rss-requests", type=int, default=20_000)
     parser.add_argument("--fault-requests", type=int, default=2000)
+    parser.add_argument("--infinity-env", type=Path, help="a virtual environment with infinity-emb")
     parser.add_argument("--infinity-url", help="an infinity-emb server on 127.0.0.1")
     parser.add_argument("--infinity-model", help="the model name infinity serves")
     parser.add_argument("--smoke", action="store_true", help="a few requests, 1 and 2 clients")
+    parser.add_argument("--json", help="also write the measurements here")
     parser.add_argument("--write", action="store_true", help="update benchmarks/RESULTS.md")
     args = parser.parse_args()
     if args.smoke:
@@ -392,11 +426,8 @@ def main() -> None:
     if args.smoke and args.write:
         raise SystemExit("--smoke results are not worth writing")
     report = measure(args)
-    body = render(report, args)
-    print(body)
-    if args.write:
-        title = "Serving (issue 12): peg-rag serve under load"
-        update_section("serve_load", header(title) + "\n" + body)
+    title = "Serving (issue 12): peg-rag serve under load"
+    publish("serve_load", title, render(report, args), report, args)
 
 
 if __name__ == "__main__":
