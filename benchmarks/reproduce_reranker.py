@@ -409,7 +409,8 @@ def report(work: Path, smoke: bool, lock: str | None) -> None:
             f"(`{BEST}`), never on the dev sets below.",
             "- Evaluation: `peg_rag.retrieval.evaluate` with the base model as encoder (max "
             f"length {EVAL_LENGTH}): dense = exact search; hybrid = the HybridRetriever's "
-            "default fusion of jieba BM25 and the dense store; hybrid + rerank = its top "
+            "default fusion of BM25 (its default tokenizer, rjieba) and the dense store; "
+            "hybrid + rerank = its top "
             f"{RERANK_TOP_N} reranked by the trained model (`best-model/`"
             + (f", step {best['step']}" if best else "")
             + f"), the rest in hybrid order. cmrc2018-dev: a seeded sample of {CMRC_SAMPLE} "
@@ -423,7 +424,7 @@ def report(work: Path, smoke: bool, lock: str | None) -> None:
             "",
             *data_rows,
             "",
-            "Scores x 100 (in brackets: hybrid + rerank vs hybrid; the int8 reranker vs fp32):",
+            "Scores x 100 (in brackets: hybrid + rerank vs hybrid; ONNX int8 vs fp32 reranker):",
             "",
             *table,
             "",
