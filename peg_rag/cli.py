@@ -10,12 +10,37 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from peg_rag.commands import demo, encode, export, index, mine, query, serve, train, train_reranker
+from peg_rag.commands import (
+    demo,
+    encode,
+    export,
+    index,
+    merge,
+    mine,
+    query,
+    score,
+    serve,
+    train,
+    train_reranker,
+)
 from peg_rag.commands import eval as evaluate
 from peg_rag.core.extras import MissingExtraError
 
 # Each module defines register(subparsers), which adds its parser and sets ``run``.
-COMMANDS = (encode, mine, evaluate, train, train_reranker, index, query, demo, serve, export)
+COMMANDS = (
+    encode,
+    mine,
+    score,
+    evaluate,
+    train,
+    train_reranker,
+    merge,
+    index,
+    query,
+    demo,
+    serve,
+    export,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

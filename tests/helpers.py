@@ -3,6 +3,7 @@ spot (never downloaded), and Chinese sample texts."""
 
 from __future__ import annotations
 
+from itertools import product
 from pathlib import Path
 
 import torch
@@ -63,4 +64,26 @@ def build_tiny_reranker(directory: Path, *, seed: int = 0) -> Path:
     encoder_dir = build_tiny_model(directory.with_name(directory.name + "-encoder"), seed=seed)
     torch.manual_seed(seed)
     Reranker.from_pretrained(encoder_dir, new_head=True, device="cpu").save_pretrained(directory)
+    return directory
+
+
+def build_sharp_reranker(directory: Path, passages: list[str]) -> Path:
+    """A tiny cross-encoder whose logits spread over about one unit around 0.
+
+    A fresh head on the tiny random BERT gives logits within 1e-4 of each other, too close
+    to tell which pair a score belongs to: its weights times 3e4 spread them over about 1
+    (the noise of batching, about 1e-8 before, stays far below 1e-3), and its bias moves
+    their mean over CHINESE_TEXTS x ``passages`` to 0, where the sigmoid is not flat.
+    """
+    from peg_rag import Reranker
+
+    reranker = Reranker.from_pretrained(
+        build_tiny_reranker(directory.with_name(directory.name + "-flat")), device="cpu"
+    )
+    head = reranker.model.classifier
+    with torch.no_grad():
+        head.weight.mul_(3e4)
+        head.bias.zero_()
+        head.bias.sub_(float(reranker.score_pairs(list(product(CHINESE_TEXTS, passages))).mean()))
+    reranker.save_pretrained(directory)
     return directory

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import CHINESE_TEXTS
+from helpers import CHINESE_TEXTS, build_sharp_reranker
 
+from peg_rag import Reranker
 from peg_rag.cli import main
 from peg_rag.core.encoder import PEGEncoder
 from peg_rag.core.records import DataError
@@ -226,3 +229,140 @@ def test_cli_mines(tmp_path, tiny_model_dir, capsys):
     assert "negatives for 8 lines from a pool of" in capsys.readouterr().out
     mined = [json.loads(line)["neg"] for line in out.open(encoding="utf-8")]
     assert len(mined) == 8 and all(1 <= len(negs) <= 2 for negs in mined)
+
+
+class Recording(Reranker):
+    """A reranker that keeps every pair it is asked to score, in ``scored``."""
+
+    scored: list[tuple[str, str]]
+
+    def score_pairs(self, pairs, **options):
+        self.scored.extend(pairs)
+        return super().score_pairs(pairs, **options)
+
+
+@pytest.fixture(scope="module")
+def reranker_dir(tmp_path_factory):
+    return build_sharp_reranker(tmp_path_factory.mktemp("guard") / "reranker", PASSAGES)
+
+
+@pytest.fixture(scope="module")
+def loaded_guard(reranker_dir):
+    return Recording.from_pretrained(reranker_dir, device="cpu")
+
+
+@pytest.fixture
+def guard(loaded_guard):
+    loaded_guard.scored = []
+    return loaded_guard
+
+
+def split_point(values) -> float:
+    """A cut through the widest gap in the middle half of ``values``, clear of all of them."""
+    v = np.sort(np.asarray(values, dtype=np.float64))
+    low, high = len(v) // 4, 3 * len(v) // 4
+    i = low + int(np.argmax(np.diff(v[low : high + 1])))
+    assert v[i + 1] - v[i] > 2e-3, "no clear cut: batching noise could flip a candidate"
+    return float(v[i] + v[i + 1]) / 2
+
+
+@pytest.mark.parametrize("rule", ["threshold", "margin"])
+def test_reranker_guard_drops_exactly_the_relevant_sampled_candidates(encoder, guard, rule):
+    examples = examples_of(training_records())
+    pool = own_pool(examples)
+    options = MiningOptions(negatives=3, range_min=0, range_max=100, max_score_ratio=10.0)
+    every = reference(encoder, examples, pool, options)
+    # What the rule looks at, for every window candidate: its sigmoid score, or that minus
+    # the line's weakest positive's.
+    value = {}
+    for e, candidates in zip(examples, every, strict=True):
+        lowest = guard.score(e.query, e.pos, normalize=True).min() if rule == "margin" else 0
+        scores = guard.score(e.query, candidates, normalize=True)
+        for c, p in zip(candidates, scores, strict=True):
+            value[e.query, c] = float(p - lowest)
+    cut = split_point(list(value.values()))
+    if rule == "threshold":  # drop when sigmoid >= T
+        options = replace(options, reranker_threshold=cut)
+    else:  # drop when sigmoid > lowest positive's - M
+        options = replace(options, reranker_margin=-cut)
+    guard.scored = []
+    chosen, stats = mine_negatives(encoder, examples, pool, options, reranker=guard)
+    sampled_lines, dropped = [], 0
+    for e, candidates, negatives in zip(examples, every, chosen, strict=True):
+        asked = [c for q, c in guard.scored if q == e.query]
+        sampled = [c for c in asked if c not in e.pos]
+        # positives are scored only for the margin rule, once, and only where candidates are
+        assert [c for c in asked if c in e.pos] == (e.pos if rule == "margin" else [])
+        assert len(set(sampled)) == len(sampled) and set(sampled) <= set(candidates)
+        kept = [c for c in candidates if c in sampled and value[e.query, c] < cut]
+        assert negatives == kept  # kept: the sampled candidates on the right side, by rank
+        assert len(negatives) == 3 or set(sampled) == set(candidates)  # short: window spent
+        dropped += len(sampled) - len(kept)
+        sampled_lines.append(len(sampled))
+    assert stats.skipped_reranker == dropped > 0
+    assert stats.reranker_scored == sum(sampled_lines) < sum(map(len, every))  # only sampled
+    assert max(sampled_lines) > 3  # dropped candidates were replaced by further draws
+    assert stats.negatives == sum(map(len, chosen))
+    assert (
+        f"the reranker scored {stats.reranker_scored} sampled candidates and dropped "
+        f"{dropped} as relevant" in stats.summary()
+    )
+
+
+def test_a_reranker_that_drops_nothing_changes_nothing(encoder, guard):
+    examples = examples_of(training_records())
+    pool = own_pool(examples)
+    options = MiningOptions(negatives=3, range_min=1, range_max=12, max_score_ratio=10.0)
+    plain, plain_stats = mine_negatives(encoder, examples, pool, options)
+    keep_all = replace(options, reranker_threshold=1.0)  # the sigmoid of these logits is < 1
+    guarded, stats = mine_negatives(encoder, examples, pool, keep_all, reranker=guard)
+    assert guarded == plain and stats.skipped_reranker == 0
+    assert stats.reranker_scored == len(guard.scored) == plain_stats.negatives
+
+
+def test_reranker_rules_are_checked(encoder):
+    with pytest.raises(ValueError, match="not both"):
+        MiningOptions(reranker_threshold=0.5, reranker_margin=0.1)
+    with pytest.raises(ValueError, match=r"reranker_threshold is a sigmoid score in \[0, 1\]"):
+        MiningOptions(reranker_threshold=1.5)
+    with pytest.raises(ValueError, match=r"reranker_margin .* in \[-1, 1\]"):
+        MiningOptions(reranker_margin=-2)
+    examples = examples_of(training_records())
+    with pytest.raises(ValueError, match="need a reranker"):
+        mine_negatives(encoder, examples, own_pool(examples), MiningOptions(reranker_margin=0))
+
+
+def test_mining_drops_teacher_scores_of_the_old_negatives(tmp_path, encoder):
+    records = training_records()
+    records[0]["pos_scores"], records[0]["neg_scores"] = [2.0], [0.5]
+    source = write_lines(tmp_path / "train.jsonl", records)
+    mine_file(encoder, source, tmp_path / "out.jsonl", options=MiningOptions(range_min=0))
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").open(encoding="utf-8")]
+    assert list(out[0]) == [k for k in records[0] if not k.endswith("_scores")]
+    assert not any("pos_scores" in r or "neg_scores" in r for r in out)
+
+
+def test_cli_mines_with_a_reranker_guard(tmp_path, tiny_model_dir, reranker_dir, capsys):
+    source = write_lines(tmp_path / "train.jsonl", training_records())
+    argv = ["mine", str(source), "--model", str(tiny_model_dir), "--device", "cpu"]
+    argv += ["--range-min", "0", "--negatives", "3", "--max-score-ratio", "10"]
+    guarded = [*argv, "--reranker", str(reranker_dir)]
+    assert (
+        main([*guarded, "--output", str(tmp_path / "margin.jsonl"), "--reranker-margin", "0"]) == 0
+    )
+    summary = capsys.readouterr().out
+    found = re.search(r"the reranker scored (\d+) sampled candidates and dropped (\d+)", summary)
+    assert found and int(found[1]) >= int(found[2]) > 0
+    stats = mine_file(
+        PEGEncoder.from_pretrained(tiny_model_dir, device="cpu"),
+        source,
+        tmp_path / "library.jsonl",
+        options=MiningOptions(range_min=0, negatives=3, max_score_ratio=10, reranker_margin=0),
+        reranker=Reranker.from_pretrained(reranker_dir, device="cpu"),
+    )
+    assert stats.summary() in summary
+    assert main([*guarded, "--output", str(tmp_path / "default.jsonl")]) == 0  # margin 0
+    for name in ("margin.jsonl", "default.jsonl"):
+        assert (tmp_path / name).read_bytes() == (tmp_path / "library.jsonl").read_bytes()
+    assert main([*argv, "--output", str(tmp_path / "x.jsonl"), "--reranker-threshold", "0.5"]) == 2
+    assert "--reranker-threshold and --reranker-margin need --reranker" in capsys.readouterr().err

@@ -102,7 +102,10 @@ def test_required_cli_flags_exist():
         ("mask_duplicates: sometimes\n", "key 'mask_duplicates': expected true or false"),
         ("max_steps: 3\nepochs: 1\n", "set max_steps or epochs, not both"),
         ("warmup_ratio: 1.5\n", "key 'warmup_ratio': must be in [0, 1)"),
-        ("weighting: nope\n", "key 'weighting': must be one of focal"),
+        ("weighting: nope\n", "key 'weighting': must be one of focal, self_paced"),
+        ("distill_weight: -1\n", "key 'distill_weight': must be >= 0"),
+        ("teacher_temperature: 0\n", "key 'teacher_temperature': must be > 0"),
+        ("distill_weight: 0.5\nhard_negatives: 0\n", "distillation needs hard_negatives >= 1"),
         ("guide_model: m\n", "set false_negative_margin"),
         ("metric_for_best: x/ndcg@10\n", "needs eval_dirs"),
         ("eval_dirs: [/no/such/folder]\n", "path does not exist: /no/such/folder"),
@@ -132,6 +135,27 @@ def test_bad_flags_and_missing_settings(tmp_path, train_file):
         parse(["--config", str(tmp_path / "absent.yaml")])
     with pytest.raises(ConfigError, match="argument batch_size"):
         make_config(model="m", train=[str(train_file)], output_dir="o", batch_size="x")
+
+
+def test_weighting_and_distillation_keys(tmp_path, train_file):
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text(
+        "weighting: self_paced\ndistill_weight: 0.5\nteacher_temperature: 2\n"
+        f"log_line_weights: {tmp_path / 'weights.jsonl'}\n"
+    )
+    config = parse(["--config", str(config_file)] + required(train_file, tmp_path))
+    assert config.weighting == "self_paced"
+    assert (config.distill_weight, config.teacher_temperature) == (0.5, 2.0)
+    assert config.log_line_weights == str(tmp_path / "weights.jsonl")
+    defaults = parse(required(train_file, tmp_path))
+    assert (defaults.distill_weight, defaults.teacher_temperature) == (0.0, 1.0)
+    assert defaults.log_line_weights is None and defaults.weighting == "focal"
+    # An existing weights file is never appended to by a new run, only by a resumed one.
+    (tmp_path / "weights.jsonl").write_text("{}\n")
+    with pytest.raises(ConfigError, match="key 'log_line_weights': .*weights.jsonl exists"):
+        parse(["--config", str(config_file)] + required(train_file, tmp_path))
+    resumed = parse(["--config", str(config_file), "--resume"] + required(train_file, tmp_path))
+    assert resumed.log_line_weights == str(tmp_path / "weights.jsonl")
 
 
 def test_shipped_peg_config_is_valid_and_has_the_paper_setting(tmp_path, train_file):

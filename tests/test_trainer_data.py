@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 
 import numpy as np
@@ -39,6 +40,54 @@ def test_permute_is_a_bijection(n):
         ('{"query": "问", "pos": ["答"], "source": 5}', "source", "expected a string"),
         ('{"query": "问", "pos": ["答"], "prompt": ["x"]}', "prompt", "expected a string"),
         ('{"query": "  ", "pos": ["答"]}', "query", "empty"),
+        (
+            '{"query": "问", "pos": ["答"], "neg": ["错"], "pos_scores": [1, 2], '
+            '"neg_scores": [0]}',
+            "pos_scores",
+            "has 2 scores for the 1 texts of 'pos'",
+        ),
+        (
+            '{"query": "问", "pos": ["答"], "neg": ["错"], "pos_scores": [1], "neg_scores": []}',
+            "neg_scores",
+            "has 0 scores for the 1 texts of 'neg'",
+        ),
+        ('{"query": "问", "pos": ["答"], "pos_scores": [1]}', "neg_scores", "need both"),
+        ('{"query": "问", "pos": ["答"], "neg_scores": []}', "pos_scores", "need both"),
+        (
+            '{"query": "问", "pos": ["答"], "pos_scores": 1.5, "neg_scores": []}',
+            "pos_scores",
+            "expected a list of numbers, got float",
+        ),
+        (
+            '{"query": "问", "pos": ["答"], "pos_scores": ["2"], "neg_scores": []}',
+            "pos_scores",
+            "item 0 is not a finite number: '2'",
+        ),
+        (
+            '{"query": "问", "pos": ["答"], "pos_scores": [true], "neg_scores": []}',
+            "pos_scores",
+            "item 0 is not a finite number: True",
+        ),
+        (
+            '{"query": "问", "pos": ["答"], "neg": ["错"], "pos_scores": [1], "neg_scores": [NaN]}',
+            "neg_scores",
+            "item 0 is not a finite number: nan",
+        ),
+        (
+            '{"query": "问", "pos": ["答"], "pos_scores": [-Infinity], "neg_scores": []}',
+            "pos_scores",
+            "not a finite number: -inf",
+        ),
+        (
+            '{"query": "问", "pos": ["答"], "pos_scores": [1e999], "neg_scores": []}',
+            "pos_scores",
+            "not a finite number: inf",
+        ),
+        (
+            '{"query": "问", "pos": ["答"], "pos_scores": [1' + "0" * 400 + '], "neg_scores": []}',
+            "pos_scores",
+            "item 0 is not a finite number: 1000",
+        ),
     ],
 )
 def test_bad_lines_name_file_line_and_field(tmp_path, line, field, message):
@@ -138,6 +187,59 @@ def test_negatives_come_from_neg_then_filled_from_the_same_source(tmp_path):
     loaded.close()
 
 
+def test_teacher_scores_follow_the_sampled_positive_and_negatives(tmp_path):
+    """Each text's score is its own, whatever order the negatives are drawn in; filled-in
+    negatives and lines without scores have none (NaN)."""
+    records = make_records(12, source="s", negatives=5)
+    score_of: dict[tuple[str, str], float] = {}
+    for i, record in enumerate(records[:9]):  # the last 3 lines have no scores
+        record["pos"].append(f"又一个答案{i}")
+        record["pos_scores"] = [10.0 + i, 20.0 + i]
+        record["neg"] = record["neg"][: 1 + i % 5]  # short ones get filled in
+        record["neg_scores"] = [float(k) + i / 100 for k in range(len(record["neg"]))]
+        texts = record["pos"] + record["neg"]
+        scores = record["pos_scores"] + record["neg_scores"]
+        score_of.update({(record["query"], t): x for t, x in zip(texts, scores, strict=True)})
+    write_lines(tmp_path / "t.jsonl", records)
+    loaded = data([tmp_path], hard_negatives=3, batch_size=6)
+    state = loaded.initial_state()
+    checked = filled = unscored = 0
+    for _ in range(20):
+        batch, state = loaded.batch(state)
+        slots = zip(
+            batch.queries, batch.positives, batch.negatives, batch.teacher_scores, strict=True
+        )
+        for query, positive, negatives, scores in slots:
+            assert len(scores) == 4
+            for text, score in zip([positive, *negatives], scores, strict=True):
+                expected = score_of.get((query, text))
+                if expected is None:  # a fill, or a line without scores
+                    assert math.isnan(score)
+                    unscored += 1
+                else:
+                    assert score == expected
+                    checked += 1
+            filled += any(math.isnan(x) for x in scores) and not math.isnan(scores[0])
+    assert checked > 200 and filled > 10 and unscored > 30
+    loaded.close()
+
+
+def test_origins_name_the_file_and_line_of_each_query(tmp_path):
+    records = make_records(7)
+    lines = [json.dumps(r, ensure_ascii=False) for r in records]
+    path = tmp_path / "t.jsonl"
+    # A blank line and a skipped bad line still count in the line numbers.
+    path.write_text("\n".join(lines[:2] + ["", "not json"] + lines[2:]) + "\n", "utf-8")
+    loaded = data([path], batch_size=7, skip_bad_lines=True)
+    batch, _ = loaded.batch(loaded.initial_state())
+    text = path.read_text("utf-8").splitlines()
+    for query, origin in zip(batch.queries, batch.origins, strict=True):
+        assert origin.path == path
+        assert json.loads(text[origin.line - 1])["query"] == query
+    assert sorted(o.line for o in batch.origins) == [1, 2, 5, 6, 7, 8, 9]
+    loaded.close()
+
+
 def test_too_few_texts_to_fill_negatives_is_an_error(tmp_path):
     write_lines(tmp_path / "t.jsonl", make_records(2, negatives=0))
     loaded = data([tmp_path], hard_negatives=3, batch_size=2)
@@ -176,9 +278,11 @@ def test_batches_are_a_pure_function_of_the_position(tmp_path):
 
 
 def test_index_holds_offsets_not_texts(tmp_path):
-    """Memory per line is one 8-byte entry, kept in a memory-mapped file."""
+    """Memory per line is one 16-byte entry (file and offset, line number), kept in a
+    memory-mapped file."""
     write_lines(tmp_path / "a.jsonl", make_records(50))
     loaded = data([tmp_path])
     entries = loaded.index._entries[0]
-    assert isinstance(entries, np.memmap) and entries.dtype == np.int64 and len(entries) == 50
+    assert isinstance(entries, np.memmap) and entries.dtype == np.int64
+    assert entries.shape == (50, 2)
     loaded.close()

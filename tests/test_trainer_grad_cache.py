@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 
 import pytest
 import torch
 from helpers import CHINESE_TEXTS as T
 from helpers import build_tiny_model
-from trainer_utils import assert_close_vectors, gradients, load_encoder, reference_loss
+from trainer_utils import (
+    assert_close_vectors,
+    gradients,
+    load_encoder,
+    reference_distill,
+    reference_loss,
+)
 
 from peg_rag.trainer import grad_cache
 from peg_rag.trainer.collate import build_inputs
@@ -17,14 +24,33 @@ from peg_rag.trainer.progressive import focal
 from peg_rag.trainer.step import ContrastiveStep, mini_batches
 
 TAU = 0.05
+NAN = math.nan
+# Teacher scores of (positive, negative, negative) per query: query 2's line has none, query
+# 4's second negative was filled in, query 5 has only its positive scored (not distilled).
+TEACHER = [
+    [4.0, 1.0, -2.0],
+    [2.5, 3.0, 0.5],
+    [NAN, NAN, NAN],
+    [1.0, -1.0, 2.0],
+    [3.0, 0.0, NAN],
+    [2.0, NAN, NAN],
+]
 
 
-def make_batch() -> Batch:
+def make_batch(teacher_scores: list[list[float]] | None = None) -> Batch:
     # Queries 2 and 3 share a text, and texts of various lengths make uneven padding.
     queries = [T[0], T[1] + T[2], T[3], T[3], T[5], T[6] + "？"]
     positives = [T[4], T[5] + T[6], T[7], T[0] + "。", T[1], T[2]]
     negatives = [[T[(i + 2) % 8] + "啊" * i, T[(i + 5) % 8]] for i in range(6)]
-    return Batch("s", queries, [None] * 6, positives, negatives, list(range(6)))
+    return Batch(
+        "s",
+        queries,
+        [None] * 6,
+        positives,
+        negatives,
+        list(range(6)),
+        teacher_scores=teacher_scores or [],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +58,10 @@ def dropout_model_dir(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("tiny-dropout"), seed=1, dropout=0.2)
 
 
-def reference_gradients(encoder, inputs, gamma, mini_batch_size=None):
+def reference_gradients(encoder, inputs, gamma, mini_batch_size=None, distill=None):
     """Embed with one graph (all texts at once, or the same mini-batches in the same order as
-    the cache's first pass) and back-propagate the unchunked loss by autograd."""
+    the cache's first pass) and back-propagate the unchunked loss by autograd; ``distill`` =
+    (weight, teacher temperature) adds weight x the mean KL over the distilled queries."""
     encoder.model.zero_grad(set_to_none=True)
     own = inputs.owned(0, 1)
     parts = [
@@ -55,11 +82,22 @@ def reference_gradients(encoder, inputs, gamma, mini_batch_size=None):
         gamma,
         focal,
     )
+    if distill is not None:
+        weight, teacher_temperature = distill
+        kl, count = reference_distill(
+            embeddings[inputs.query_rows],
+            embeddings[inputs.column_rows],
+            inputs.teacher_columns,
+            inputs.teacher_scores,
+            TAU,
+            teacher_temperature,
+        )
+        loss = loss + weight * kl / count
     loss.backward()
     return gradients(encoder.model), loss.item()
 
 
-def cached_gradients(encoder, inputs, gamma, mini_batch_size=4, chunk_size=2):
+def cached_gradients(encoder, inputs, gamma, mini_batch_size=4, chunk_size=2, distill=(0.0, 1.0)):
     encoder.model.zero_grad(set_to_none=True)
     step = ContrastiveStep(
         encoder,
@@ -67,6 +105,8 @@ def cached_gradients(encoder, inputs, gamma, mini_batch_size=4, chunk_size=2):
         temperature=TAU,
         chunk_size=chunk_size,
         weighting=focal,
+        distill_weight=distill[0],
+        teacher_temperature=distill[1],
     )
     stats = step(inputs, gamma)
     return gradients(encoder.model), stats
@@ -83,6 +123,35 @@ def test_cached_gradients_equal_full_batch_gradients_without_dropout(tiny_model_
     assert stats.texts == 24 and stats.distinct < 24
     assert expected.abs().max() > 0
     assert_close_vectors(got, expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 2.0])
+def test_cached_gradients_with_distillation_equal_full_batch_gradients(tiny_model_dir, gamma):
+    encoder = load_encoder(tiny_model_dir)
+    inputs = build_inputs(make_batch(TEACHER), encoder.tokenize)
+    assert inputs.teacher_scores is not None
+    expected, loss = reference_gradients(encoder, inputs, gamma, distill=(0.7, 2.0))
+    got, stats = cached_gradients(encoder, inputs, gamma, distill=(0.7, 2.0))
+    assert stats.distilled == pytest.approx(4 / 6)
+    assert stats.distill_kl > 0
+    assert stats.loss == pytest.approx(loss, rel=1e-5)
+    assert_close_vectors(got, expected, rtol=1e-5)
+    # The control: the term changes the gradients, so the comparison can fail.
+    plain, _ = cached_gradients(encoder, inputs, gamma)
+    assert not torch.allclose(plain, got, rtol=1e-3, atol=1e-3 * float(got.abs().max()))
+
+
+@pytest.mark.parametrize("teacher_scores", [None, [[NAN] * 3] * 6], ids=["absent", "all-nan"])
+def test_lines_without_teacher_scores_leave_the_step_as_without_distillation(
+    tiny_model_dir, teacher_scores
+):
+    encoder = load_encoder(tiny_model_dir)
+    inputs = build_inputs(make_batch(teacher_scores), encoder.tokenize)
+    assert inputs.teacher_scores is None
+    expected, plain = cached_gradients(encoder, inputs, 1.0)
+    got, stats = cached_gradients(encoder, inputs, 1.0, distill=(0.7, 2.0))
+    assert stats.loss == plain.loss and stats.distilled == 0 and stats.distill_kl == 0
+    assert torch.equal(got, expected)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])

@@ -12,7 +12,13 @@ from trainer_utils import reference_loss
 from peg_rag.trainer.collate import build_inputs
 from peg_rag.trainer.data import Batch
 from peg_rag.trainer.loss import chunked_infonce
-from peg_rag.trainer.progressive import WEIGHTINGS, focal, gamma_at, register_weighting
+from peg_rag.trainer.progressive import (
+    WEIGHTINGS,
+    focal,
+    gamma_at,
+    register_weighting,
+    self_paced,
+)
 
 
 def unit(rows: int, dim: int, seed: int) -> torch.Tensor:
@@ -161,6 +167,33 @@ def test_progressive_weights_follow_the_formula():
     out = chunked_infonce(q, c, pos, temperature=0.1, chunk_size=4, weighting=focal, gamma=2.0)
     probs = (q @ c.T / 0.1).softmax(dim=1).diagonal()
     assert torch.allclose(out.weights, (1 - probs) ** 2, rtol=1e-5)
+
+
+def test_self_paced_weights_follow_the_formula():
+    p = torch.tensor([0.0, 0.04, 0.25, 0.5, 1.0])
+    assert self_paced(p, 0.5).tolist() == pytest.approx([0.0, 0.2, 0.5, 0.5**0.5, 1.0])
+    assert self_paced(p, 2.0).tolist() == pytest.approx([0.0, 0.0016, 0.0625, 0.25, 1.0])
+    assert torch.equal(self_paced(p, 0.0), torch.ones(5))  # gamma 0: plain InfoNCE, even at p=0
+    # Increasing in p (the hardest queries count least), the opposite of focal.
+    grid = torch.linspace(0.01, 0.99, 50)
+    for gamma in (0.5, 1.0, 3.0):
+        assert (self_paced(grid, gamma).diff() > 0).all()
+        assert (focal(grid, gamma).diff() < 0).all()
+    # A hard query's weight relative to an easy one's shrinks as gamma grows.
+    ratios = [
+        float(self_paced(torch.tensor(0.1), g) / self_paced(torch.tensor(0.9), g))
+        for g in (0, 1, 2)
+    ]
+    assert ratios == pytest.approx([1.0, 1 / 9, 1 / 81])
+    # In the loss, with the probability of each positive.
+    q, c = unit(6, 8, 11), unit(6, 8, 12)
+    out = chunked_infonce(
+        q, c, torch.arange(6), temperature=0.1, chunk_size=4, weighting=self_paced, gamma=1.5
+    )
+    probs = (q @ c.T / 0.1).softmax(dim=1).diagonal()
+    assert torch.allclose(out.p_positive, probs, rtol=1e-5)
+    assert torch.allclose(out.weights, probs**1.5, rtol=1e-5)
+    assert WEIGHTINGS["self_paced"] is self_paced
 
 
 @pytest.mark.parametrize(

@@ -194,24 +194,42 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
 def test_two_gloo_processes_equal_one_process_with_the_combined_batch(workspace, tmp_path):
     root, _ = workspace
     model = build_tiny_model(tmp_path / "no-dropout", seed=4, dropout=0.0)
+    # Every other line has teacher scores: the distillation term's normalization is global.
+    records = make_records(24, source="a", scored=True)
+    for record in records[1::2]:
+        del record["pos_scores"], record["neg_scores"]
+    write_lines(tmp_path / "data" / "a.jsonl", records)
     values = settings(
         root,
         model,
         "single",
+        train=[str(tmp_path / "data")],
         batch_size=8,
         max_steps=1,
         mini_batch_size=3,
         false_negative_margin=0.01,
         adam_epsilon=1e-3,
         warmup_ratio=0.0,
+        distill_weight=0.5,
+        log_line_weights=str(tmp_path / "single-lines.jsonl"),
     )
     single = train(make_config(values))
     assert single.last_step["train/loss"] > 0 and single.last_step["train/masked"] > 0
+    assert 0 < single.last_step["train/distilled"] < 1
     config_file = tmp_path / "two.yaml"
-    config_file.write_text(yaml.safe_dump({**values, "output_dir": str(root / "two")}))
+    two_lines = tmp_path / "two-lines.jsonl"
+    config_file.write_text(
+        yaml.safe_dump(
+            {**values, "output_dir": str(root / "two"), "log_line_weights": str(two_lines)}
+        )
+    )
     port = str(free_port())
     children = []
     for rank in range(2):
@@ -244,10 +262,63 @@ def test_two_gloo_processes_equal_one_process_with_the_combined_batch(workspace,
         assert [int(i) for i in synced.split(",")] == [int(backwards)]
     two = root / "two" / "model"
     assert_same_weights(two, single.model_dir)
+    # The main process alone logs every query of the global batch, as one process does.
+    one, both = read_rows(tmp_path / "single-lines.jsonl"), read_rows(two_lines)
+    assert len(both) == 8
+    assert [(r["file"], r["line"]) for r in both] == [(r["file"], r["line"]) for r in one]
+    for key in ("weight", "p_positive"):
+        assert [r[key] for r in both] == pytest.approx([r[key] for r in one], rel=1e-4)
     # The control: a step on half the batch gives different weights, so the test can fail.
-    half = train(make_config({**values, "batch_size": 4, "output_dir": str(root / "half")}))
+    half = train(
+        make_config(
+            {
+                **values,
+                "batch_size": 4,
+                "output_dir": str(root / "half"),
+                "log_line_weights": None,
+            }
+        )
+    )
     left, right = weights(half.model_dir), weights(single.model_dir)
     assert not all(torch.allclose(left[k], right[k], rtol=1e-5, atol=1e-6) for k in left)
+
+
+def test_distillation_self_paced_weighting_and_line_weights_in_a_run(workspace, tmp_path):
+    root, model = workspace
+    folder = tmp_path / "scored"
+    write_lines(folder / "s.jsonl", make_records(12, source="s", negatives=2, scored=True))
+    log = tmp_path / "weights" / "lines.jsonl"
+    values = settings(
+        root,
+        model,
+        "distilled",
+        train=[str(folder)],
+        max_steps=3,
+        weighting="self_paced",
+        gamma_start=0.5,
+        distill_weight=0.5,
+        teacher_temperature=2.0,
+        log_line_weights=str(log),
+    )
+    result = train(make_config(values))
+    logged = read_rows(result.output_dir / "log.jsonl")
+    assert [r["train/distilled"] for r in logged] == [1.0, 1.0, 1.0]
+    assert all(r["train/distill_kl"] > 0 for r in logged)
+    # One row per query and step, naming the lines the data reader gave each step.
+    rows = read_rows(log)
+    assert [r["step"] for r in rows] == [1] * 4 + [2] * 4 + [3] * 4
+    reader = data_module.TrainData([str(folder)], batch_size=4, hard_negatives=2, seed=3)
+    state, expected = reader.initial_state(), []
+    for _ in range(3):
+        batch, state = reader.batch(state)
+        expected.extend((str(where.path), where.line) for where in batch.origins)
+    reader.close()
+    assert [(r["file"], r["line"]) for r in rows] == expected
+    # The weighting selected by name is self_paced: w = p ** gamma, gamma rising 0.5 -> 2.
+    assert [r["gamma"] for r in rows[::4]] == pytest.approx([0.5, 1.25, 2.0])
+    for row in rows:
+        assert 0 < row["p_positive"] < 1
+        assert row["weight"] == pytest.approx(row["p_positive"] ** row["gamma"], rel=1e-5)
 
 
 def test_evaluation_during_training_keeps_the_best_model(workspace, tmp_path):

@@ -22,9 +22,10 @@ def write_lines(path: Path, records: list[dict]) -> Path:
 
 
 def make_records(
-    count: int, source: str | None = None, negatives: int = 1, tag: str = ""
+    count: int, source: str | None = None, negatives: int = 1, tag: str = "", scored: bool = False
 ) -> list[dict]:
-    """Distinct (query, positive, negatives) lines built from the shared Chinese texts."""
+    """Distinct (query, positive, negatives) lines built from the shared Chinese texts;
+    ``scored``: with teacher scores (``pos_scores``, ``neg_scores``) that differ by line."""
     records = []
     for i in range(count):
         base = CHINESE_TEXTS[i % len(CHINESE_TEXTS)]
@@ -37,6 +38,9 @@ def make_records(
         }
         if source:
             record["source"] = source
+        if scored:
+            record["pos_scores"] = [3.0 + 0.25 * (i % 5)]
+            record["neg_scores"] = [1.5 - 0.5 * k - 0.125 * (i % 3) for k in range(negatives)]
         records.append(record)
     return records
 
@@ -81,6 +85,22 @@ def reference_loss(q, c, pos, tau, mask=None, gamma=0.0, weighting=None):
     log_p = logits.log_softmax(dim=1)[torch.arange(len(q)), pos]
     w = torch.ones(len(q)) if weighting is None else weighting(log_p.exp().detach(), gamma)
     return -(w * log_p).sum() / w.sum(), w
+
+
+def reference_distill(q, c, columns, scores, tau, teacher_temperature):
+    """sum_i KL_i and the number of distilled queries, written out row by row: for each query
+    with at least two finite scores, KL(softmax(r / T) || softmax(<q_i, c_k> / tau)) over
+    those slots only."""
+    total, count = torch.zeros(()), 0
+    for i in range(len(q)):
+        scored = torch.isfinite(scores[i])
+        if scored.sum() < 2:
+            continue
+        t = torch.softmax(scores[i][scored] / teacher_temperature, dim=0)
+        log_q = torch.log_softmax(c[columns[i][scored]] @ q[i] / tau, dim=0)
+        total = total + (t * (t.log() - log_q)).sum()
+        count += 1
+    return total, count
 
 
 def recorded_run(train_fn, config, **kwargs) -> tuple:

@@ -5,17 +5,21 @@ distinct passage texts, so a text equal to a query's positive is that positive a
 negative; positives of other queries with the same query text are masked as well (they are
 known positives). Without it every positive and negative slot is its own column, as in plain
 InfoNCE.
+
+A batch with teacher scores also gives, per query, the columns of its positive and its hard
+negatives (its slots) and the teacher's score of each, for the distillation term.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from peg_rag.core.encoding import Kind
+from peg_rag.core.records import FileLine
 
 from .data import Batch
 
@@ -38,6 +42,11 @@ class StepInputs:
     n_texts: int  # texts in the batch before de-duplication
     truncated: int  # texts cut to max_length
     guide_ids: list[list[int]] | None = None  # the texts tokenized for a guide encoder
+    origins: list[FileLine] = field(default_factory=list)  # each query's training line
+    # (N, K): the column of each query's positive, then of each of its hard negatives, and
+    # the teacher's score of each (NaN where none); None when no line of the batch has scores.
+    teacher_columns: torch.Tensor | None = None
+    teacher_scores: torch.Tensor | None = None
 
     def owned(self, rank: int, world: int) -> np.ndarray:
         """Rows embedded by process ``rank``: every ``world``-th text by length, shortest first.
@@ -79,6 +88,7 @@ def build_inputs(
             columns.setdefault(r, len(columns))
         column_rows = list(columns)
         positive_columns = [columns[r] for r in positive_rows]
+        negative_columns = [columns[r] for r in negative_rows]
         # Queries with the same text share their positives: none is another's negative.
         known: dict[int, set[int]] = {}
         for q, c in zip(query_rows, positive_columns, strict=True):
@@ -88,8 +98,10 @@ def build_inputs(
     else:
         column_rows = positive_rows + negative_rows
         positive_columns = list(range(len(positive_rows)))
+        negative_columns = list(range(len(positive_rows), len(column_rows)))
 
     pairs = torch.tensor(masked, dtype=torch.long).reshape(-1, 2)
+    teacher_columns, teacher_scores = _teacher(batch, positive_columns, negative_columns)
     return StepInputs(
         keys=keys,
         ids=ids,
@@ -101,7 +113,32 @@ def build_inputs(
         n_texts=len(query_rows) + len(positive_rows) + len(negative_rows),
         truncated=truncated,
         guide_ids=_tokenize(keys, guide_tokenize)[0] if guide_tokenize else None,
+        origins=list(batch.origins),
+        teacher_columns=teacher_columns,
+        teacher_scores=teacher_scores,
     )
+
+
+def _teacher(
+    batch: Batch, positive_columns: list[int], negative_columns: list[int]
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(N, K) slot columns and teacher scores, or (None, None) when no slot has a score."""
+    if not batch.teacher_scores:
+        return None, None
+    scores = torch.tensor(batch.teacher_scores, dtype=torch.float32)
+    if not torch.isfinite(scores).any():
+        return None, None
+    slots = iter(negative_columns)
+    columns = [
+        [positive, *(next(slots) for _ in group)]
+        for positive, group in zip(positive_columns, batch.negatives, strict=True)
+    ]
+    slot_columns = torch.tensor(columns, dtype=torch.long)
+    if slot_columns.shape != scores.shape:
+        raise ValueError(
+            f"teacher scores of shape {tuple(scores.shape)} for slots {tuple(slot_columns.shape)}"
+        )
+    return slot_columns, scores
 
 
 def _tokenize(keys: list[Key], tokenize: Tokenize) -> tuple[list[list[int]], int]:

@@ -176,14 +176,37 @@ class TrainConfig(RunConfig):
         "margin masks only candidates scoring more than |margin| above the positive)",
     )
     guide_model: str | None = setting(None, "score false negatives with this frozen model instead")
+    # Distillation from teacher scores (lines with pos_scores and neg_scores).
+    distill_weight: float = setting(
+        0.0,
+        "weight of KL(teacher || student) over each query's positive and hard negatives, "
+        "averaged over the queries whose lines have pos_scores/neg_scores (0: off)",
+        rule=">= 0",
+    )
+    teacher_temperature: float = setting(
+        1.0,
+        "divides the teacher's scores before their softmax (the student's logits are the "
+        "InfoNCE ones, divided by temperature)",
+        rule="> 0",
+    )
     # Progressive learning.
     progressive: str = setting(
         "linear", "gamma(t) schedule, or off for plain InfoNCE", choices=PROGRESSIVE
     )
-    weighting: str = setting("focal", "per-query weighting function (see progressive.WEIGHTINGS)")
+    weighting: str = setting(
+        "focal",
+        "per-query weighting: focal (hardest queries count most) or self_paced (hardest count "
+        "least); see progressive.WEIGHTINGS",
+    )
     gamma_start: float = setting(0.0, "gamma at the first step", rule=">= 0")
     gamma_end: float = setting(2.0, "gamma at the last step", rule=">= 0")
     gamma_stairs: int = setting(4, "number of levels of the 'step' schedule", rule=">= 2")
+    log_line_weights: str | None = setting(
+        None,
+        "append every query's training line (file, line), raw weight, p_positive and gamma "
+        "to this JSONL file, one row per query and step",
+        metavar="PATH",
+    )
     # Encoder settings (default: the model's sentence-transformers files).
     pooling: str | None = setting(
         None, "cls or mean (default: from the model files)", choices=POOLING_MODES
@@ -194,6 +217,13 @@ class TrainConfig(RunConfig):
     def check(self, bad: Bad) -> None:
         if self.batch_size < 2 and self.hard_negatives == 0:
             raise bad("batch_size", "a single query without hard negatives has no negatives")
+        if self.distill_weight > 0 and self.hard_negatives == 0:
+            raise bad("distill_weight", "distillation needs hard_negatives >= 1")
+        if self.log_line_weights and not self.resume and Path(self.log_line_weights).exists():
+            raise bad(
+                "log_line_weights",
+                f"{self.log_line_weights} exists; name a new file (a resumed run appends to it)",
+            )
         if self.guide_model and self.false_negative_margin is None:
             raise bad(
                 "guide_model", "only used for false-negative masking; set false_negative_margin"

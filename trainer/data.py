@@ -3,30 +3,35 @@
 Each line is ``{"query": str, "pos": [str, ...], "neg": [str, ...]}`` plus optional ``task``,
 ``source`` and ``prompt`` strings. ``prompt``, when present, replaces the model's query
 instruction for that line. Lines without ``source`` form one source per file (named by path).
+``pos_scores`` and ``neg_scores`` (FlagEmbedding's names), given together, are a teacher's raw
+scores of each ``pos`` and ``neg`` text, in order, for distillation (distill_loss.py).
 
 How it scales. Building the index streams every file once, validates every line and keeps only
-an 8-byte (file, byte offset) entry per line, spilled to a temporary file and memory-mapped, so
-resident memory does not grow with the data: 100M lines make an 800 MB index on disk that the OS
-pages in as needed. Texts are read with a seek when a batch needs them. Each source's order in
-an epoch is a keyed pseudo-random permutation computed on the fly (a Feistel network), not a
-stored array, so the data position is a few integers per source: (epoch, cursor). The batch of
-step t is a pure function of the seed, t and that position, which makes resume exact.
+a 16-byte entry per line ((file, byte offset) and the line number), spilled to a temporary
+file and memory-mapped, so resident memory does not grow with the data: 100M lines make a
+1.6 GB index on disk that the OS pages in as needed. Texts are read with a seek when a batch
+needs them. Each source's order in an epoch is a keyed pseudo-random permutation computed on
+the fly (a Feistel network), not a stored array, so the data position is a few integers per
+source: (epoch, cursor). The batch of step t is a pure function of the seed, t and that
+position, which makes resume exact.
 
 Batches. Every batch comes from one source, drawn with probability proportional to
 ``size * source_weights.get(source, 1)``. Each query gets one positive, drawn from ``pos``, and
 exactly ``hard_negatives`` negatives: drawn from ``neg`` without replacement, and, when ``neg``
 is short, filled with positives of other random lines of the same source (never a text equal
-to the query or one of its positives).
+to the query or one of its positives). The teacher's scores follow the texts drawn; a filled-in
+negative has none (NaN).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 from array import array
 from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
@@ -57,6 +62,8 @@ class Example:
     source: str | None = None
     task: str | None = None
     prompt: str | None = None
+    pos_scores: list[float] | None = None  # a teacher's score of each pos text
+    neg_scores: list[float] | None = None  # and of each neg text; both or neither
 
 
 def _optional_string(record: dict[str, Any], name: str, where: FileLine) -> str | None:
@@ -66,18 +73,55 @@ def _optional_string(record: dict[str, Any], name: str, where: FileLine) -> str 
     return value
 
 
+def _scores(
+    record: dict[str, Any], name: str, texts: list[str], of: str, where: FileLine
+) -> list[float] | None:
+    """An optional list of finite numbers, one per text of field ``of``."""
+    value = record.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise DataError(where, f"expected a list of numbers, got {type(value).__name__}", name)
+    numbers = []
+    for i, item in enumerate(value):
+        number = float("nan")
+        if isinstance(item, (int, float)) and not isinstance(item, bool):
+            try:
+                number = float(item)
+            except OverflowError:  # an integer beyond float range
+                pass
+        if not math.isfinite(number):
+            raise DataError(where, f"item {i} is not a finite number: {item!r}", name)
+        numbers.append(number)
+    if len(numbers) != len(texts):
+        raise DataError(
+            where, f"has {len(numbers)} scores for the {len(texts)} texts of {of!r}", name
+        )
+    return numbers
+
+
 def parse_example(record: dict[str, Any], where: FileLine) -> Example:
     """Validate a training record; raise DataError naming the field otherwise."""
     source = _optional_string(record, "source", where)
     if source is not None and not source.strip():
         raise DataError(where, "empty source name", "source")
+    query = text_field(record, "query", where)
+    pos = text_list_field(record, "pos", where, min_items=1)
+    neg = text_list_field(record, "neg", where)
+    pos_scores = _scores(record, "pos_scores", pos, "pos", where)
+    neg_scores = _scores(record, "neg_scores", neg, "neg", where)
+    if (pos_scores is None) != (neg_scores is None):
+        missing = "neg_scores" if neg_scores is None else "pos_scores"
+        raise DataError(where, "teacher scores need both pos_scores and neg_scores", missing)
     return Example(
-        query=text_field(record, "query", where),
-        pos=text_list_field(record, "pos", where, min_items=1),
-        neg=text_list_field(record, "neg", where),
+        query=query,
+        pos=pos,
+        neg=neg,
         source=source,
         task=_optional_string(record, "task", where),
         prompt=_optional_string(record, "prompt", where),
+        pos_scores=pos_scores,
+        neg_scores=neg_scores,
     )
 
 
@@ -131,7 +175,10 @@ def _mix(z: np.ndarray) -> np.ndarray:
 
 
 class LineIndex:
-    """FileLine every valid line is, grouped by source; the lines themselves stay on disk."""
+    """Where every valid line is, grouped by source; the lines themselves stay on disk.
+
+    Entry ``j`` of a source is ``(file << 40 | byte offset, line number)`` of its j-th line.
+    """
 
     def __init__(self, files: Sequence[Path], *, skip_bad_lines: bool = False) -> None:
         self.files = list(files)
@@ -140,11 +187,11 @@ class LineIndex:
         spill: dict[str, array] = {}  # per source, entries not yet written to its spill file
         counts: dict[str, int] = {}
         for number, path in enumerate(self.files):
-            for source, offset in self._scan(path, skip_bad_lines):
+            for source, offset, line in self._scan(path, skip_bad_lines):
                 if source not in spill:
                     spill[source] = array("q")
                     counts[source] = 0
-                spill[source].append(number << _OFFSET_BITS | offset)
+                spill[source].extend((number << _OFFSET_BITS | offset, line))
                 counts[source] += 1
                 if len(spill[source]) >= 1 << 16:
                     self._flush(list(spill).index(source), spill[source])
@@ -157,7 +204,12 @@ class LineIndex:
         self.sources = sorted(counts)
         self.sizes = [counts[s] for s in self.sources]
         self._entries = [
-            np.memmap(self._spill_path(first_seen.index(s)), dtype=np.int64, mode="r")
+            np.memmap(
+                self._spill_path(first_seen.index(s)),
+                dtype=np.int64,
+                mode="r",
+                shape=(counts[s], 2),
+            )
             for s in self.sources
         ]
         self._handles: dict[int, BinaryIO] = {}
@@ -170,7 +222,8 @@ class LineIndex:
             entries.tofile(handle)
         del entries[:]
 
-    def _scan(self, path: Path, skip_bad_lines: bool) -> Iterator[tuple[str, int]]:
+    def _scan(self, path: Path, skip_bad_lines: bool) -> Iterator[tuple[str, int, int]]:
+        """(source, byte offset, line number) of each valid line of ``path``."""
         if path.stat().st_size >= 1 << _OFFSET_BITS:
             raise ValueError(f"{path}: files over 1 TiB are not supported; split it")
         offset = 0
@@ -187,23 +240,29 @@ class LineIndex:
                         raise
                     self.skipped.add(error)
                     continue
-                yield example.source or str(path), start
+                yield example.source or str(path), start, number
+
+    def origin(self, source: int, line: int) -> FileLine:
+        """The file and 1-based line number of line ``line`` of source ``source``: a stable
+        identifier of a training line."""
+        packed, number = (int(value) for value in self._entries[source][line])
+        return FileLine(self.files[packed >> _OFFSET_BITS], number)
 
     def example(self, source: int, line: int) -> Example:
         """Read line ``line`` (0-based, counting the source's valid lines) of source ``source``."""
-        packed = int(self._entries[source][line])
+        packed = int(self._entries[source][line][0])
         number, offset = packed >> _OFFSET_BITS, packed & ((1 << _OFFSET_BITS) - 1)
         handle = self._handles.get(number)
         if handle is None:
             handle = self._handles[number] = self.files[number].open("rb")
         handle.seek(offset)
-        where = FileLine(self.files[number], 0)
+        where = self.origin(source, line)
         try:
             return parse_example(decode_line(handle.readline(), where), where)
         except DataError:
             raise ValueError(
-                f"{self.files[number]}: the line at byte {offset} changed after the data was "
-                "indexed; do not edit training files while training"
+                f"{where}: the line changed after the data was indexed; do not edit training "
+                "files while training"
             ) from None
 
     def close(self) -> None:
@@ -224,6 +283,19 @@ class Batch:
     positives: list[str]
     negatives: list[list[str]]
     lines: list[int]  # line numbers within the source, for tracing the data order
+    origins: list[FileLine] = field(default_factory=list)  # each query's file and line
+    # Per query: the teacher's score of its positive, then of each of its negatives; NaN
+    # where there is none (a line without scores, a filled-in negative). Empty: no scores.
+    teacher_scores: list[list[float]] = field(default_factory=list)
+
+
+def _teacher_scores(example: Example, pick: int, taken: list[int], negatives: int) -> list[float]:
+    """The teacher's scores of ``pos[pick]`` and of ``neg[taken]``, NaN-padded to
+    1 + ``negatives`` (fills); all NaN for a line without scores."""
+    if example.pos_scores is None or example.neg_scores is None:
+        return [math.nan] * (1 + negatives)
+    scores = [example.pos_scores[pick], *(example.neg_scores[i] for i in taken)]
+    return scores + [math.nan] * (1 + negatives - len(scores))
 
 
 class TrainData:
@@ -302,16 +374,17 @@ class TrainData:
         }
         after["epoch"][source] = epoch + end // size
         after["cursor"][source] = end % size
-        queries, prompts, positives, negatives = [], [], [], []
-        for line in lines.tolist():
+        batch = Batch(self.index.sources[source], [], [], [], [], lines.tolist())
+        for line in batch.lines:
             example = self.index.example(source, line)
-            queries.append(example.query)
-            prompts.append(example.prompt)
-            positives.append(example.pos[int(rng.integers(len(example.pos)))])
-            negatives.append(self._negatives(example, source, line, rng))
-        batch = Batch(
-            self.index.sources[source], queries, prompts, positives, negatives, lines.tolist()
-        )
+            batch.queries.append(example.query)
+            batch.prompts.append(example.prompt)
+            pick = int(rng.integers(len(example.pos)))
+            batch.positives.append(example.pos[pick])
+            texts, taken = self._negatives(example, source, line, rng)
+            batch.negatives.append(texts)
+            batch.origins.append(self.index.origin(source, line))
+            batch.teacher_scores.append(_teacher_scores(example, pick, taken, len(texts)))
         return batch, after
 
     def _key(self, source: int, epoch: int) -> int:
@@ -319,16 +392,20 @@ class TrainData:
 
     def _negatives(
         self, example: Example, source: int, line: int, rng: np.random.Generator
-    ) -> list[str]:
+    ) -> tuple[list[str], list[int]]:
+        """``hard_negatives`` texts, and the indices in ``neg`` of those drawn from it (the
+        first ones; the rest are filled in from other lines)."""
         wanted = self.hard_negatives
         if len(example.neg) >= wanted:
-            return [example.neg[i] for i in rng.choice(len(example.neg), wanted, replace=False)]
+            taken = rng.choice(len(example.neg), wanted, replace=False).tolist()
+            return [example.neg[i] for i in taken], taken
         chosen = list(example.neg)
+        taken = list(range(len(chosen)))
         banned = {example.query, *example.pos, *chosen}
         size = self.index.sizes[source]
         for _ in range(_FILL_TRIES * wanted):
             if len(chosen) == wanted:
-                return chosen
+                return chosen, taken
             other = int(rng.integers(size))
             if other == line:
                 continue
@@ -338,7 +415,7 @@ class TrainData:
                 chosen.append(text)
                 banned.add(text)
         if len(chosen) == wanted:
-            return chosen
+            return chosen, taken
         raise ValueError(
             f"source {self.index.sources[source]} has too few distinct texts to fill "
             f"{wanted} hard negatives for query {example.query!r}; lower hard_negatives"

@@ -1,10 +1,25 @@
-"""Progressive learning: weight each query by how hard it still is, more so as training goes on.
+"""Progressive learning: weight each query by how the model fares on it, more so over time.
 
-Our reading of PEG (the paper's text is not available to us): query i gets the weight
-``w_i = (1 - p_i) ** gamma(t)``, where ``p_i`` is the detached softmax probability of its
-positive, and ``gamma(t)`` grows from ``gamma_start`` to ``gamma_end`` over training. Early on
-every query counts the same (gamma = 0 gives plain InfoNCE); later, queries the model already
-solves count less. The loss normalizes the weights to mean 1 over the global batch.
+PEG's abstract says progressive learning lets the model "dynamically modulate its attention to
+the samples" over training; the paper's body is not available to us, so how it does so is our
+reading. Every weighting here is a function of ``p_i``, the detached softmax probability of
+query i's positive (its InfoNCE loss is ``-log p_i``), and of ``gamma(t)``, which grows from
+``gamma_start`` to ``gamma_end`` over training on the ``progressive`` schedule. At gamma = 0
+every query weighs 1 (plain InfoNCE); the loss normalizes the weights to mean 1 over the global
+batch, so only their ratios matter. Two opposite readings are registered:
+
+- ``focal``, ``w_i = (1 - p_i) ** gamma``: the focal-loss form. Queries the model already
+  solves (p near 1) count less and less; the hardest count most. Under label noise the hardest
+  queries are often the mislabelled ones (a wrong positive, a false negative), so this can
+  amplify the noise.
+- ``self_paced``, ``w_i = p_i ** gamma``: trust the easy queries. The hardest queries (low p,
+  the likely mislabelled) count less and less, those the model agrees with count most:
+  robustness to noisy labels, at the cost of learning less from hard but correct queries.
+  With gamma = 2 a query at p = 0.1 weighs 1/81 of one at p = 0.9. It shares self-paced
+  learning's preference for easy samples, but in the opposite order in time: classic
+  self-paced learning starts from the easy samples and admits harder ones later, while here
+  every query counts alike at first (when an untrained model's p says little) and the
+  preference grows as the model's judgement becomes worth trusting.
 
 Weighting functions are looked up by name in WEIGHTINGS, so other readings can be registered
 with ``register_weighting`` and compared through the ``weighting`` setting.
@@ -31,7 +46,17 @@ def focal(p_positive: torch.Tensor, gamma: float) -> torch.Tensor:
     return (1 - p_positive).clamp_min(0) ** gamma
 
 
+def self_paced(p_positive: torch.Tensor, gamma: float) -> torch.Tensor:
+    """p ** gamma: the hardest queries (lowest p) count least; gamma = 0 weighs all queries 1.
+
+    Increasing in p for gamma > 0, and the more so the larger gamma: as gamma grows, the
+    weight of a hard query relative to an easy one, (p_hard / p_easy) ** gamma, shrinks.
+    """
+    return p_positive.clamp(0, 1) ** gamma
+
+
 register_weighting("focal", focal)
+register_weighting("self_paced", self_paced)
 
 
 def gamma_at(

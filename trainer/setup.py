@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -32,11 +33,13 @@ from accelerate.scheduler import AcceleratedScheduler
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 
 from peg_rag.core.encoder import PEGEncoder
+from peg_rag.core.records import FileLine
 
 from . import checkpoint as ckpt
 from .collate import StepInputs, build_inputs
 from .config import RunConfig, TrainConfig
 from .data import Batch, TrainData
+from .distributed import rank_and_world
 from .progressive import WEIGHTINGS, gamma_at
 from .step import ContrastiveStep, Step, StepLog
 
@@ -97,6 +100,9 @@ def set_up(config: TrainConfig) -> Run:
             false_negative_margin=config.false_negative_margin,
             guide=guide,
             weighting=None if config.progressive == "off" else WEIGHTINGS[config.weighting],
+            distill_weight=config.distill_weight,
+            teacher_temperature=config.teacher_temperature,
+            gather_queries=config.log_line_weights is not None,
             backward=accelerator.backward,
             no_sync=lambda: accelerator.no_sync(model),
         )
@@ -116,12 +122,18 @@ def set_up(config: TrainConfig) -> Run:
 
 
 class ProgressiveStep:
-    """The embedder's step: gamma(t) of progressive learning, then the contrastive step."""
+    """The embedder's step: gamma(t) of progressive learning, then the contrastive step; with
+    ``log_line_weights``, each query's weight is appended to that file (main process only)."""
 
     def __init__(self, contrastive: ContrastiveStep, config: TrainConfig, total_steps: int):
         self.contrastive = contrastive
         self.config = config
         self.total_steps = total_steps
+        self.line_weights = (
+            LineWeightLog(Path(config.log_line_weights))
+            if config.log_line_weights and rank_and_world()[0] == 0
+            else None
+        )
 
     def __call__(self, inputs: StepInputs, step: int) -> StepLog:
         config = self.config
@@ -144,7 +156,50 @@ class ProgressiveStep:
             "accuracy": stats.accuracy,
             "masked": float(stats.masked),
         }
+        if config.distill_weight > 0:
+            values.update(distill_kl=stats.distill_kl, distilled=stats.distilled)
+        if self.line_weights is not None and stats.query_values is not None:
+            self.line_weights.write(step + 1, gamma, inputs.origins, stats.query_values)
         return StepLog(values, stats.texts)
+
+
+class LineWeightLog:
+    """Per-query weights for studying what a weighting does to each training line.
+
+    Each step appends one JSON row per query of the global batch,
+    ``{"step", "file", "line", "gamma", "weight", "p_positive"}``: ``step`` counts from 1 as in
+    log.jsonl, (file, line) is the query's training line (1-based line number), ``weight`` the
+    raw weight before normalizing to mean 1, and ``p_positive`` the softmax probability of its
+    positive that the weighting saw. Every weighting is a function of (p_positive, gamma), so
+    the rows also give what any other weighting would have assigned. A line drawn twice in a
+    step has two rows. A resumed run appends again from its checkpoint's step, so steps after
+    it can appear twice: keep the last rows of each step.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(
+        self, step: int, gamma: float, origins: Sequence[FileLine], values: torch.Tensor
+    ) -> None:
+        """Append the rows of ``step``: ``values`` is (queries, 2) raw weight and p_positive."""
+        rows = [
+            json.dumps(
+                {
+                    "step": step,
+                    "file": str(where.path),
+                    "line": where.line,
+                    "gamma": gamma,
+                    "weight": weight,
+                    "p_positive": p,
+                },
+                ensure_ascii=False,
+            )
+            for where, (weight, p) in zip(origins, values.tolist(), strict=True)
+        ]
+        with self.path.open("a", encoding="utf-8") as handle:  # closed, so flushed, each step
+            handle.write("".join(row + "\n" for row in rows))
 
 
 def begin_run(config: RunConfig, *, hard_negatives: int) -> tuple[Accelerator, TrainData, Path]:

@@ -3,9 +3,12 @@
 It leaves the parameter gradients of the global-batch loss in the model (averaged by DDP over
 processes, hence the world-size factor), ready for clipping and the optimizer step:
 
-    loss = sum_i w_i * l_i / sum_i w_i     over all N queries of the global batch,
+    loss = sum_i w_i * l_i / sum_i w_i  +  lambda * sum_{i in D} KL_i / |D|
 
-which is InfoNCE with weights normalized to mean 1 (plain mean when all w_i = 1).
+over all N queries of the global batch: InfoNCE with weights normalized to mean 1 (plain mean
+when all w_i = 1), plus, with ``distill_weight`` lambda > 0, the mean distillation term
+(distill_loss.py) over the set D of queries whose lines carry teacher scores. The progressive
+weights apply to InfoNCE only; every distilled query counts the same in the second term.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 from peg_rag.core.encoder import PEGEncoder
 
 from .collate import StepInputs
+from .distill_loss import TeacherScores
 from .distributed import all_max, all_sum, gather_rows, rank_and_world, reduce_rows
 from .grad_cache import first_pass, second_pass
 from .loss import chunked_infonce
@@ -44,7 +48,7 @@ class Step(Protocol):
 
 @dataclass
 class StepStats:
-    loss: float
+    loss: float  # the whole objective: InfoNCE + distill_weight * distill_kl
     weight_mean: float  # mean raw weight (before normalizing to mean 1)
     weight_min: float  # normalized
     weight_max: float  # normalized
@@ -53,6 +57,11 @@ class StepStats:
     masked: int  # (query, candidate) pairs masked as duplicates or false negatives
     texts: int  # texts in the global batch before de-duplication
     distinct: int  # texts actually embedded
+    distill_kl: float = 0.0  # mean KL(teacher || student) over the distilled queries
+    distilled: float = 0.0  # fraction of the queries distilled
+    # (N, 2) raw weight and p_positive of every query of the global batch, in batch order;
+    # only when the step was built with ``gather_queries``.
+    query_values: torch.Tensor | None = None
 
 
 def mini_batches(rows: np.ndarray, size: int) -> list[np.ndarray]:
@@ -74,6 +83,9 @@ class ContrastiveStep:
         false_negative_margin: float | None = None,
         guide: PEGEncoder | None = None,
         weighting: Weighting | None = None,
+        distill_weight: float = 0.0,
+        teacher_temperature: float = 1.0,
+        gather_queries: bool = False,
         backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
         no_sync: Callable[[], AbstractContextManager] = nullcontext,
     ) -> None:
@@ -84,6 +96,9 @@ class ContrastiveStep:
         self.false_negative_margin = false_negative_margin
         self.guide = guide
         self.weighting = weighting
+        self.distill_weight = distill_weight
+        self.teacher_temperature = teacher_temperature
+        self.gather_queries = gather_queries
         self.backward = backward
         self.no_sync = no_sync
 
@@ -114,6 +129,17 @@ class ContrastiveStep:
         if self.guide is not None:
             guided = gather_rows(self._guide_embed(inputs, own), owners, len(inputs.ids))
             guide = (guided[query_rows], guided[column_rows])
+        teacher = None
+        if (
+            self.distill_weight > 0
+            and inputs.teacher_columns is not None
+            and inputs.teacher_scores is not None
+        ):
+            teacher = TeacherScores(
+                inputs.teacher_columns[low:high].to(device),
+                inputs.teacher_scores[low:high].to(device),
+                self.teacher_temperature,
+            )
         out = chunked_infonce(
             embeddings[query_rows],
             embeddings[column_rows],
@@ -126,8 +152,10 @@ class ContrastiveStep:
             guide=guide,
             weighting=self.weighting,
             gamma=gamma,
+            teacher=teacher,
         )
-        loss_sum, weight_sum, rank_sum, top1, masked = all_sum(
+        nothing = torch.zeros((), device=device)
+        loss_sum, weight_sum, rank_sum, top1, masked, kl_sum, distilled = all_sum(
             torch.stack(
                 [
                     out.weighted_loss,
@@ -135,6 +163,8 @@ class ContrastiveStep:
                     out.positive_rank.sum().float(),
                     (out.positive_rank == 1).sum().float(),
                     out.masked.float(),
+                    nothing if out.distill is None else out.distill.kl,
+                    nothing if out.distill is None else out.distill.count.float(),
                 ]
             )
         ).tolist()
@@ -143,17 +173,28 @@ class ContrastiveStep:
             torch.stack([out.weights.max(), -out.weights.min()])
         ).tolist()
 
-        # d(loss)/d(embeddings): the loss divides by the global weight sum, and DDP divides the
-        # summed parameter gradients by the world size, which the factor `world` undoes.
+        # d(loss)/d(embeddings): InfoNCE divides by the global weight sum, the distillation
+        # term by the global number of distilled queries, and DDP divides the summed parameter
+        # gradients by the world size, which the factor `world` undoes.
         grad = torch.zeros_like(embeddings)
-        grad.index_add_(0, query_rows, out.grad_queries)
-        grad.index_add_(0, column_rows, out.grad_candidates)
-        own_grad = reduce_rows(grad, own).mul_(world / weight_sum)
+        grad.index_add_(0, query_rows, out.grad_queries, alpha=1 / weight_sum)
+        grad.index_add_(0, column_rows, out.grad_candidates, alpha=1 / weight_sum)
+        distill_kl = kl_sum / distilled if distilled else 0.0
+        if out.distill is not None and distilled:
+            scale = self.distill_weight / distilled
+            grad.index_add_(0, query_rows, out.distill.grad_queries, alpha=scale)
+            grad.index_add_(0, column_rows, out.distill.grad_candidates, alpha=scale)
+        own_grad = reduce_rows(grad, own).mul_(world)
         second_pass(embed, cached, own_grad, backward=self.backward, no_sync=self.no_sync)
 
+        query_values = None
+        if self.gather_queries:
+            slices = [np.arange(r * per, (r + 1) * per) for r in range(world)]
+            local = torch.stack([out.weights, out.p_positive], dim=1)
+            query_values = gather_rows(local, slices, total).cpu()
         normalize = total / weight_sum
         return StepStats(
-            loss=loss_sum / weight_sum,
+            loss=loss_sum / weight_sum + self.distill_weight * distill_kl,
             weight_mean=weight_sum / total,
             weight_min=-negative_min * normalize,
             weight_max=weight_max * normalize,
@@ -162,6 +203,9 @@ class ContrastiveStep:
             masked=int(masked),
             texts=inputs.n_texts,
             distinct=len(inputs.ids),
+            distill_kl=distill_kl,
+            distilled=distilled / total,
+            query_values=query_values,
         )
 
     @torch.no_grad()

@@ -87,13 +87,16 @@ def add_reranker_arguments(parser: argparse.ArgumentParser, help_model: str) -> 
     )
 
 
-def load_reranker(args: argparse.Namespace) -> core.Reranker | None:
+def load_reranker(
+    args: argparse.Namespace, *, max_length: int | None = None
+) -> core.Reranker | None:
     """The --reranker model, on the encoder's backend, device, dtype and quantization; None if
-    unset."""
+    unset. ``max_length`` defaults to the model's."""
     if not args.reranker:
         return None
     return core.Reranker.from_pretrained(
         args.reranker,
+        max_length=max_length,
         backend=args.backend or "torch",
         device=args.device,
         dtype=args.dtype,

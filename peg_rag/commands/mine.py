@@ -8,7 +8,7 @@ from pathlib import Path
 from peg_rag import trainer
 from peg_rag.trainer.mine_options import MiningOptions
 
-from .common import add_encoder_arguments, load_encoder
+from .common import add_encoder_arguments, load_encoder, load_reranker
 
 DEFAULTS = MiningOptions()
 
@@ -21,7 +21,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "and write a copy of INPUT whose 'neg' lists hold --negatives texts sampled from ranks "
         "[--range-min, --range-max) (counted from 0). Candidates equal to the query or a "
         "positive, and candidates scoring above --max-score-ratio x the line's lowest "
-        "positive score, are skipped. Other fields are kept; existing 'neg' lists are replaced.",
+        "positive score, are skipped. With --reranker, sampled candidates that the reranker "
+        "judges relevant are dropped and replaced by further samples. Other fields are kept, "
+        "except teacher scores (pos_scores, neg_scores), which no longer match the new 'neg' "
+        "lists.",
     )
     parser.add_argument("input", type=Path, metavar="INPUT.jsonl")
     parser.add_argument("--output", type=Path, required=True, metavar="OUT.jsonl")
@@ -52,6 +55,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
     add_encoder_arguments(parser)
+    group = parser.add_argument_group(
+        "reranker guard",
+        "sigmoid scores of the sampled candidates; the reranker runs with the encoder's "
+        "--backend, --device, --dtype, --quantize and --batch-size",
+    )
+    group.add_argument(
+        "--reranker", metavar="MODEL", help="cross-encoder that vets each sampled candidate"
+    )
+    rule = group.add_mutually_exclusive_group()
+    rule.add_argument(
+        "--reranker-threshold",
+        type=float,
+        metavar="T",
+        help="drop candidates with sigmoid(score) >= T",
+    )
+    rule.add_argument(
+        "--reranker-margin",
+        type=float,
+        metavar="M",
+        help="drop candidates with sigmoid(score) > sigmoid(lowest positive's score) - M "
+        "(the default rule, with M = 0)",
+    )
     parser.set_defaults(run=run)
 
 
@@ -62,7 +87,11 @@ def run(args: argparse.Namespace) -> int:
         range_max=args.range_max,
         max_score_ratio=args.max_score_ratio,
         seed=args.seed,
+        reranker_threshold=args.reranker_threshold,
+        reranker_margin=args.reranker_margin,
     )
+    if options.reranker_rule_set and not args.reranker:
+        raise ValueError("--reranker-threshold and --reranker-margin need --reranker")
     trainer.check_output(
         args.input, args.output, overwrite=args.overwrite
     )  # before the model loads
@@ -72,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         args.output,
         corpus=args.corpus,
         options=options,
+        reranker=load_reranker(args),
         overwrite=args.overwrite,
         show_progress_bar=True,
     )
