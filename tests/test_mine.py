@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import CHINESE_TEXTS, build_sharp_reranker
+from helpers import CHINESE_TEXTS, PASSAGES, build_sharp_reranker
 
 from peg_rag import Reranker
 from peg_rag.cli import main
@@ -23,21 +23,6 @@ from peg_rag.trainer.mine import (
     mine_negatives,
     own_pool,
 )
-
-PASSAGES = [
-    "报销时需提供身份证、医保卡和费用清单",
-    "高血压患者应少盐少油，适量运动",
-    "故宫开放时间为上午八点半至下午五点",
-    "居住证到期前可在政务网站在线续签",
-    "糖尿病患者可少量食用西瓜，注意血糖",
-    "异地就医需先在医保平台办理备案",
-    "慕田峪长城适合徒步，游客较少",
-    "个税汇算清缴截止到每年六月三十日",
-    "感冒发烧时要多喝水，注意休息",
-    "护照办理需要本人到出入境大厅",
-    "公积金可以用来支付房租",
-    "颐和园门票旺季三十元",
-]
 
 
 def write_lines(path: Path, records: list[dict]) -> Path:

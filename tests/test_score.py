@@ -9,22 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import CHINESE_TEXTS, build_sharp_reranker
+from helpers import PASSAGES as ALL_PASSAGES
 
 from peg_rag import Reranker
 from peg_rag.cli import main
 from peg_rag.core.records import DataError
 from peg_rag.trainer.teacher import partial_path, score_file
 
-PASSAGES = [
-    "报销时需提供身份证、医保卡和费用清单",
-    "高血压患者应少盐少油，适量运动",
-    "故宫开放时间为上午八点半至下午五点",
-    "居住证到期前可在政务网站在线续签",
-    "糖尿病患者可少量食用西瓜，注意血糖",
-    "异地就医需先在医保平台办理备案",
-    "慕田峪长城适合徒步，游客较少",
-    "个税汇算清缴截止到每年六月三十日",
-]
+PASSAGES = ALL_PASSAGES[:8]  # records() cycles through eight
 
 
 def records() -> list[dict]:
