@@ -16,12 +16,15 @@ same model and threads:
   server adds it.
 
 Then the goals' other measures: p99 of a direct ``PEGEncoder`` call and of ``GET /health``
-(the HTTP overhead) against the 1-client p99; the server's RSS across ``--rss-requests``
-requests after warm-up; and a 32-client run with faults mixed in (clients that hang up,
-malformed bodies, over-limit requests), where every well-formed request must succeed.
+(the HTTP overhead) against the 1-client p99; the server's RSS after a warm-up and after
+each quarter of ``--rss-requests`` more requests; and a 32-client run with faults mixed in
+(clients that hang up, malformed bodies, over-limit requests), where every well-formed
+request must succeed. ``--reuse`` takes the measurements of an earlier ``--json`` file and
+measures only what it lacks (a run cut short, or a phase deleted from it).
 
     python benchmarks/serve_load.py [--model DIR] [--requests 2000] [--seconds 60] [--write]
         [--infinity-env /work/venvs/infinity | --infinity-url URL --infinity-model NAME]
+        [--json FILE] [--reuse FILE]
     python benchmarks/serve_load.py --smoke --model DIR   # a few requests, to check it runs
 """
 
@@ -292,7 +295,27 @@ def served_name(model: str) -> str:
     return path.resolve().name if path.is_dir() else model
 
 
+def memory(target: dict, pid: int, texts: list[str], args) -> dict:
+    """The server's RSS after a warm-up of ``--rss-warmup`` requests and after each quarter
+    of ``--rss-requests`` more, with a mixed stream (queries and passages) from 32 clients:
+    growth that levels off is caches and the allocator settling; a leak keeps climbing."""
+    clients = max(args.clients)
+
+    def requests(count: int) -> int:
+        bounded = argparse.Namespace(**{**vars(args), "requests": count, "seconds": 3600})
+        return len(asyncio.run(load(target, "queries", texts, clients, bounded)).latencies)
+
+    done = requests(args.rss_warmup)
+    mb = [rss_mb(pid)]
+    for _ in range(4):
+        done += requests(args.rss_requests // 4)
+        mb.append(rss_mb(pid))
+    return {"requests": done - args.rss_warmup, "warmup": args.rss_warmup, "mb": mb}
+
+
 def measure(args) -> dict:
+    """Every measurement not already in ``--reuse``'s file (a run cut short, or one phase
+    deleted from it to measure again)."""
     texts = sample_texts(args.texts)
     name = served_name(args.model)
     found = read_st_settings(Path(args.model)) if Path(args.model).is_dir() else None
@@ -301,36 +324,44 @@ def measure(args) -> dict:
         "passages": (found.passage_prompt if found else None) or "",
     }
     report: dict = {"rows": [], "threads": args.threads or os.cpu_count()}
+    if args.reuse:
+        report = json.loads(Path(args.reuse).read_text(encoding="utf-8"))
+    done = {row["setup"] for row in report["rows"]}
+    extras = ("health_p99_ms", "rss", "faults")  # measured on the batching-on server
     setups = [("batching on", ()), ("batching off", ("--no-batching",))]
     for setup, flags in setups:
+        missing = [k for k in extras if k not in report] if setup == "batching on" else []
+        if setup in done and not missing:
+            continue
         with peg_server(args.model, args.threads, *flags) as (url, pid):
             target = {"setup": setup, "url": url, "model": name, "prompts": None}
-            for kind in KINDS:
+            for kind in KINDS if setup not in done else ():
                 for clients in args.clients:
                     row = asyncio.run(load(target, kind, texts[kind], clients, args)).row()
                     report["rows"].append(row)
                     print(json.dumps(row), flush=True)
-            if setup == "batching on":
+            if "health_p99_ms" in missing:
                 report["health_p99_ms"] = asyncio.run(health_p99(url, args.health_requests))
-                before = rss_mb(pid)
-                rss_args = argparse.Namespace(**{**vars(args), "requests": args.rss_requests})
-                rss_args.seconds = 10 * args.seconds
+            if "rss" in missing:
                 mixed = texts["queries"] + texts["passages"]
-                asyncio.run(load(target, "queries", mixed, max(args.clients), rss_args))
-                report["rss_mb"] = (before, rss_mb(pid))
+                report["rss"] = memory(target, pid, mixed, args)
+                print(json.dumps(report["rss"]), flush=True)
+            if "faults" in missing:
                 report["faults"] = asyncio.run(
                     faults(url, name, texts["queries"], args.fault_requests, max(args.clients))
                 )
-                print(json.dumps({k: report[k] for k in ("rss_mb", "faults")}), flush=True)
-    if args.infinity_env:
-        with infinity_server(args.infinity_env, args.model, name, args.threads) as url:
-            report["rows"] += infinity_rows(url, name, prompts, texts, args)
-    elif args.infinity_url:
-        url = loopback_only(args.infinity_url)
-        report["rows"] += infinity_rows(url, args.infinity_model or name, prompts, texts, args)
-    report["direct_p99_ms"] = direct_p99(
-        args.model, texts["queries"][: args.health_requests], args.threads
-    )
+                print(json.dumps(report["faults"]), flush=True)
+    if "infinity" not in done:
+        if args.infinity_env:
+            with infinity_server(args.infinity_env, args.model, name, args.threads) as url:
+                report["rows"] += infinity_rows(url, name, prompts, texts, args)
+        elif args.infinity_url:
+            url = loopback_only(args.infinity_url)
+            report["rows"] += infinity_rows(url, args.infinity_model or name, prompts, texts, args)
+    if "direct_p99_ms" not in report:
+        report["direct_p99_ms"] = direct_p99(
+            args.model, texts["queries"][: args.health_requests], args.threads
+        )
     return report
 
 
@@ -386,11 +417,12 @@ def render(report: dict, args) -> str:
             f"{report['direct_p99_ms']:.1f} ms + GET /health p99 {report['health_p99_ms']:.1f} "
             f"ms) = {bound:.1f} ms: {'met' if single['p99'] <= bound else 'missed'}"
         )
-    before, after = report["rss_mb"]
-    growth = 100 * (after - before) / before
+    rss = report["rss"]
+    growth = 100 * (rss["mb"][-1] - rss["mb"][0]) / rss["mb"][0]
     lines.append(
-        f"- RSS {before:.0f} MB -> {after:.0f} MB across {args.rss_requests} requests after "
-        f"warm-up: {growth:+.1f}% (goal < 5%): {'met' if growth < 5 else 'missed'}"
+        f"- RSS across {rss['requests']} mixed requests from {top} clients after a warm-up of "
+        f"{rss['warmup']}: {' -> '.join(f'{mb:.0f}' for mb in rss['mb'])} MB (after each "
+        f"quarter): {growth:+.1f}% (goal < 5%): {'met' if growth < 5 else 'missed'}"
     )
     f = report["faults"]
     lines.append(
@@ -412,17 +444,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch threads of server and direct calls")
     parser.add_argument("--health-requests", type=int, default=500)
     parser.add_argument("--rss-requests", type=int, default=20_000)
+    parser.add_argument("--rss-warmup", type=int, default=3000)
     parser.add_argument("--fault-requests", type=int, default=2000)
     parser.add_argument("--infinity-env", type=Path, help="a virtual environment with infinity-emb")
     parser.add_argument("--infinity-url", help="an infinity-emb server on 127.0.0.1")
     parser.add_argument("--infinity-model", help="the model name infinity serves")
     parser.add_argument("--smoke", action="store_true", help="a few requests, 1 and 2 clients")
     parser.add_argument("--json", help="also write the measurements here")
+    parser.add_argument("--reuse", help="a --json file: measure only what it lacks")
     parser.add_argument("--write", action="store_true", help="update benchmarks/RESULTS.md")
     args = parser.parse_args()
     if args.smoke:
         args.clients, args.requests, args.seconds, args.texts = [1, 2], 8, 20, 40
         args.health_requests, args.rss_requests, args.fault_requests = 20, 24, 24
+        args.rss_warmup = 8
     if args.smoke and args.write:
         raise SystemExit("--smoke results are not worth writing")
     report = measure(args)

@@ -13,6 +13,7 @@ from helpers import CHINESE_TEXTS
 
 from peg_rag import ModelNotFoundError, PEGEncoder
 from peg_rag.core.encoder import pool
+from peg_rag.core.torch_backend import sorted_batches
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +56,16 @@ def test_vectors_are_normalized_and_order_is_kept(encoder):
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
     one_by_one = np.stack([encoder.encode([t])[0] for t in texts])
     np.testing.assert_allclose(vectors, one_by_one, atol=1e-5)
+
+
+def test_batches_are_cut_where_lengths_drop_sharply():
+    lengths = [60, 512, 8, 500, 55, 12, 400]
+    batches = [list(b) for b in sorted_batches(lengths, batch_size=32)]
+    # 512 and 500 share a batch; 400 would be padded by 112 > 20% of 512; the short ones
+    # batch freely, since their padding stays within 16 tokens.
+    assert batches == [[1, 3], [6], [0, 4], [5, 2]]
+    assert [list(b) for b in sorted_batches([9, 9, 9], batch_size=2)] == [[0, 1], [2]]
+    assert sorted_batches([], batch_size=4) == []
 
 
 def test_instructions_prefix_only_their_kind(tiny_model_dir):

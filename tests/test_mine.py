@@ -102,6 +102,19 @@ def test_skips_positives_and_the_query(encoder):
     assert stats.skipped_score == 0
 
 
+def test_skips_positives_of_other_lines_with_the_same_query(encoder):
+    records = training_records()
+    # one line per (query, positive) pair: line 0's query again, with a second positive
+    records.append({**records[0], "pos": [PASSAGES[6]], "neg": []})
+    examples = examples_of(records)
+    pool = own_pool(examples)
+    options = MiningOptions(negatives=100, range_min=0, range_max=100, max_score_ratio=10.0)
+    chosen, _ = mine_negatives(encoder, examples, pool, options)
+    for line in (0, len(records) - 1):
+        assert not {PASSAGES[0], PASSAGES[6]} & set(chosen[line])
+    assert PASSAGES[6] in chosen[1] and PASSAGES[0] in chosen[1]  # other queries draw them
+
+
 def test_score_ratio_guard(encoder):
     examples = examples_of(training_records())
     pool = own_pool(examples)

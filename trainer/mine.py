@@ -4,7 +4,10 @@ For every query the candidate pool is searched exactly (trainer.topk) and ``nega
 are sampled from ranks ``[range_min, range_max)``, counted from 0 as FlagEmbedding's
 ``hn_mine`` does, so the default 10..100 leaves out the ten best candidates, where
 unlabelled positives crowd. Within that window a candidate is skipped when its text equals
-the query or one of the line's positives, or when it scores above ``max_score_ratio`` times
+the query or a known positive of it: the line's own positives and those of every other line
+with the same query text (data with one line per (query, positive) pair would otherwise teach
+a query's second relevant passage as a negative of its first), or when it scores above
+``max_score_ratio`` times
 the line's lowest positive score: a candidate the model likes nearly as much as a true
 positive is more likely an unlabelled positive than a negative (the "TopK-PercPos" guard
 of NV-Retriever).
@@ -58,7 +61,7 @@ class MiningStats:
     pool: int = 0
     negatives: int = 0
     short_lines: int = 0  # lines that got fewer than ``negatives``
-    skipped_equal: int = 0  # window candidates equal to the query or a positive
+    skipped_equal: int = 0  # window candidates equal to the query or a known positive of it
     skipped_score: int = 0  # window candidates above the score-ratio guard
     reranker_scored: int = 0  # sampled candidates the reranker scored
     skipped_reranker: int = 0  # of those, dropped as relevant
@@ -67,7 +70,7 @@ class MiningStats:
         text = (
             f"{self.negatives} negatives for {self.lines} lines from a pool of {self.pool} "
             f"texts; {self.short_lines} lines got fewer than asked; skipped "
-            f"{self.skipped_equal} candidates equal to a positive or the query and "
+            f"{self.skipped_equal} candidates equal to the query or a known positive and "
             f"{self.skipped_score} above the score-ratio guard"
         )
         if self.reranker_scored:
@@ -247,9 +250,12 @@ def choose_negatives(
             stats.short_lines += len(d.kept) < options.negatives
         block.clear()
 
+    known: dict[str, set[str]] = {}  # query text -> the positives of all its lines
+    for example in examples:
+        known.setdefault(example.query.strip(), set()).update(p.strip() for p in example.pos)
     lines = tqdm(examples, desc="Sampling", unit="line", disable=not show_progress_bar)
     for number, (example, row) in enumerate(zip(lines, query_rows, strict=True)):
-        excluded = {example.query.strip(), *(p.strip() for p in example.pos)}
+        excluded = {example.query.strip(), *known[example.query.strip()]}
         ceiling = options.max_score_ratio * positive[number]
         eligible = []
         for score, index in zip(scores[row, window], ranked[row, window], strict=True):

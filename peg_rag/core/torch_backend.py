@@ -4,6 +4,9 @@ swaps the model for an ONNX Runtime session (``onnx_backend``); the batching sta
 
 Length-sorted batches keep padding small: similar lengths share a batch, so little padded
 compute is wasted, and the longest batch comes first, so a too-large batch fails at once.
+A batch is also cut where the lengths drop sharply (``sorted_batches``): a padded token costs
+as much as a real one, so one 512-token passage must not pad a few 60-token ones to 512, as
+the server's dynamic batches of unrelated requests would otherwise make it.
 """
 
 from __future__ import annotations
@@ -161,6 +164,29 @@ def warn_truncated(truncated: int, total: int, max_length: int, what: str = "tex
         )
 
 
+# A text joins the batch being formed only if padding it to the batch's longest text wastes
+# at most this share of that length, or at most PAD_TOKENS tokens (short texts batch freely:
+# for them the per-batch overhead outweighs a few padded tokens).
+MAX_PAD_SHARE = 0.2
+PAD_TOKENS = 16
+
+
+def sorted_batches(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:
+    """Indices of ``lengths``, longest first, in batches of at most ``batch_size``; a batch
+    ends early where the next text would be padded by more than ``MAX_PAD_SHARE`` of the
+    batch's longest length and more than ``PAD_TOKENS`` tokens."""
+    order = np.argsort([-n for n in lengths], kind="stable")
+    batches, start = [], 0
+    for end in range(1, len(order) + 1):
+        if end < len(order) and end - start < batch_size:
+            width, length = lengths[order[start]], lengths[order[end]]
+            if width - length <= max(PAD_TOKENS, MAX_PAD_SHARE * width):
+                continue
+        batches.append(order[start:end])
+        start = end
+    return batches
+
+
 def run_sorted(
     model: torch.nn.Module,
     lengths: Sequence[int],
@@ -173,14 +199,12 @@ def run_sorted(
 ) -> np.ndarray:
     """Fill ``out[index] = forward(index)`` over batches of indices, longest first, in eval
     mode under ``torch.inference_mode`` (the model's training mode is restored after)."""
-    order = np.argsort([-n for n in lengths], kind="stable")
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            starts = range(0, len(order), batch_size)
-            for start in tqdm(starts, desc=desc, unit="batch", disable=not show_progress_bar):
-                index = order[start : start + batch_size]
+            batches = sorted_batches(lengths, batch_size)
+            for index in tqdm(batches, desc=desc, unit="batch", disable=not show_progress_bar):
                 out[index] = forward(index).float().cpu().numpy()
     finally:
         model.train(was_training)
