@@ -105,6 +105,7 @@ def test_required_cli_flags_exist():
         ("weighting: nope\n", "key 'weighting': must be one of focal, self_paced"),
         ("distill_weight: -1\n", "key 'distill_weight': must be >= 0"),
         ("teacher_temperature: 0\n", "key 'teacher_temperature': must be > 0"),
+        ("anchor_weight: -0.5\n", "key 'anchor_weight': must be >= 0"),
         ("distill_weight: 0.5\nhard_negatives: 0\n", "distillation needs hard_negatives >= 1"),
         ("guide_model: m\n", "set false_negative_margin"),
         ("metric_for_best: x/ndcg@10\n", "needs eval_dirs"),

@@ -58,10 +58,12 @@ def dropout_model_dir(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("tiny-dropout"), seed=1, dropout=0.2)
 
 
-def reference_gradients(encoder, inputs, gamma, mini_batch_size=None, distill=None):
+def reference_gradients(encoder, inputs, gamma, mini_batch_size=None, distill=None, anchor=None):
     """Embed with one graph (all texts at once, or the same mini-batches in the same order as
     the cache's first pass) and back-propagate the unchunked loss by autograd; ``distill`` =
-    (weight, teacher temperature) adds weight x the mean KL over the distilled queries."""
+    (weight, teacher temperature) adds weight x the mean KL over the distilled queries;
+    ``anchor`` = (weight, frozen encoder) adds weight x the mean squared distance of each
+    distinct text's embedding to the frozen encoder's."""
     encoder.model.zero_grad(set_to_none=True)
     own = inputs.owned(0, 1)
     parts = [
@@ -93,11 +95,18 @@ def reference_gradients(encoder, inputs, gamma, mini_batch_size=None, distill=No
             teacher_temperature,
         )
         loss = loss + weight * kl / count
+    if anchor is not None:
+        weight, frozen = anchor
+        with torch.no_grad():
+            base = frozen.embed(frozen.collate(inputs.ids))
+        loss = loss + weight * (embeddings - base).square().sum(dim=1).mean()
     loss.backward()
     return gradients(encoder.model), loss.item()
 
 
-def cached_gradients(encoder, inputs, gamma, mini_batch_size=4, chunk_size=2, distill=(0.0, 1.0)):
+def cached_gradients(
+    encoder, inputs, gamma, mini_batch_size=4, chunk_size=2, distill=(0.0, 1.0), anchor=None
+):
     encoder.model.zero_grad(set_to_none=True)
     step = ContrastiveStep(
         encoder,
@@ -107,6 +116,8 @@ def cached_gradients(encoder, inputs, gamma, mini_batch_size=4, chunk_size=2, di
         weighting=focal,
         distill_weight=distill[0],
         teacher_temperature=distill[1],
+        anchor_weight=anchor[0] if anchor else 0.0,
+        anchor=anchor[1] if anchor else None,
     )
     stats = step(inputs, gamma)
     return gradients(encoder.model), stats
@@ -139,6 +150,24 @@ def test_cached_gradients_with_distillation_equal_full_batch_gradients(tiny_mode
     # The control: the term changes the gradients, so the comparison can fail.
     plain, _ = cached_gradients(encoder, inputs, gamma)
     assert not torch.allclose(plain, got, rtol=1e-3, atol=1e-3 * float(got.abs().max()))
+
+
+def test_cached_gradients_with_the_anchor_equal_full_batch_gradients(tiny_model_dir, tmp_path):
+    encoder = load_encoder(tiny_model_dir)
+    # Another model as the anchor, so that the distances (and the term's gradient) are not 0.
+    frozen = load_encoder(build_tiny_model(tmp_path / "anchor", seed=3))
+    inputs = build_inputs(make_batch(), encoder.tokenize)
+    expected, loss = reference_gradients(encoder, inputs, 1.0, anchor=(0.3, frozen))
+    got, stats = cached_gradients(encoder, inputs, 1.0, anchor=(0.3, frozen))
+    assert stats.anchor_distance > 0
+    assert stats.loss == pytest.approx(loss, rel=1e-5)
+    assert_close_vectors(got, expected, rtol=1e-5)
+    plain, _ = cached_gradients(encoder, inputs, 1.0)  # the control: the term matters
+    assert not torch.allclose(plain, got, rtol=1e-3, atol=1e-3 * float(got.abs().max()))
+    # Anchored to itself, the model starts at distance 0 and its gradients are InfoNCE's.
+    itself, stats = cached_gradients(encoder, inputs, 1.0, anchor=(0.3, encoder))
+    assert stats.anchor_distance == pytest.approx(0.0, abs=1e-10)
+    assert_close_vectors(itself, plain, rtol=1e-5)
 
 
 @pytest.mark.parametrize("teacher_scores", [None, [[NAN] * 3] * 6], ids=["absent", "all-nan"])

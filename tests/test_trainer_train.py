@@ -283,7 +283,7 @@ def test_two_gloo_processes_equal_one_process_with_the_combined_batch(workspace,
     assert not all(torch.allclose(left[k], right[k], rtol=1e-5, atol=1e-6) for k in left)
 
 
-def test_distillation_self_paced_weighting_and_line_weights_in_a_run(workspace, tmp_path):
+def test_distillation_anchor_self_paced_weighting_and_line_weights_in_a_run(workspace, tmp_path):
     root, model = workspace
     folder = tmp_path / "scored"
     write_lines(folder / "s.jsonl", make_records(12, source="s", negatives=2, scored=True))
@@ -298,12 +298,15 @@ def test_distillation_self_paced_weighting_and_line_weights_in_a_run(workspace, 
         gamma_start=0.5,
         distill_weight=0.5,
         teacher_temperature=2.0,
+        anchor_weight=0.5,
         log_line_weights=str(log),
     )
     result = train(make_config(values))
     logged = read_rows(result.output_dir / "log.jsonl")
     assert [r["train/distilled"] for r in logged] == [1.0, 1.0, 1.0]
     assert all(r["train/distill_kl"] > 0 for r in logged)
+    # The anchor term is on (the gradient is checked in test_trainer_grad_cache.py).
+    assert all(r["train/anchor_distance"] > 0 for r in logged)
     # One row per query and step, naming the lines the data reader gave each step.
     rows = read_rows(log)
     assert [r["step"] for r in rows] == [1] * 4 + [2] * 4 + [3] * 4

@@ -189,6 +189,13 @@ class TrainConfig(RunConfig):
         "InfoNCE ones, divided by temperature)",
         rule="> 0",
     )
+    # Against forgetting: embedding distillation from the frozen starting model.
+    anchor_weight: float = setting(
+        0.0,
+        "weight of the mean squared distance between each text's embedding and the frozen "
+        "starting model's embedding of it, which keeps the model near what it knew (0: off)",
+        rule=">= 0",
+    )
     # Progressive learning.
     progressive: str = setting(
         "linear", "gamma(t) schedule, or off for plain InfoNCE", choices=PROGRESSIVE

@@ -87,7 +87,7 @@ def set_up(config: TrainConfig) -> Run:
     ``config`` must be validated.
     """
     accelerator, data, output_dir = begin_run(config, hard_negatives=config.hard_negatives)
-    encoder, guide = _load_models(config, accelerator.device)
+    encoder, guide, anchor = _load_models(config, accelerator.device)
 
     def make_step(model: torch.nn.Module, total_steps: int) -> Step:
         trainee = copy.copy(encoder)  # embeds through the (possibly DDP-wrapped) prepared model
@@ -102,6 +102,8 @@ def set_up(config: TrainConfig) -> Run:
             weighting=None if config.progressive == "off" else WEIGHTINGS[config.weighting],
             distill_weight=config.distill_weight,
             teacher_temperature=config.teacher_temperature,
+            anchor=anchor,
+            anchor_weight=config.anchor_weight,
             gather_queries=config.log_line_weights is not None,
             backward=accelerator.backward,
             no_sync=lambda: accelerator.no_sync(model),
@@ -158,6 +160,8 @@ class ProgressiveStep:
         }
         if config.distill_weight > 0:
             values.update(distill_kl=stats.distill_kl, distilled=stats.distilled)
+        if config.anchor_weight > 0:
+            values.update(anchor_distance=stats.anchor_distance)
         if self.line_weights is not None and stats.query_values is not None:
             self.line_weights.write(step + 1, gamma, inputs.origins, stats.query_values)
         return StepLog(values, stats.texts)
@@ -299,19 +303,29 @@ def _mixed_precision(setting: str, on_gpu: bool) -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
-def _load_models(config: TrainConfig, device: torch.device) -> tuple[PEGEncoder, PEGEncoder | None]:
-    """The encoder to train, in float32 and ready for training, and the optional guide model."""
+def _load_models(
+    config: TrainConfig, device: torch.device
+) -> tuple[PEGEncoder, PEGEncoder | None, PEGEncoder | None]:
+    """The encoder to train, in float32 and ready for training; the optional guide model;
+    with ``anchor_weight``, a frozen copy of the starting model (on resume too: the anchor is
+    where training began, not the checkpoint)."""
     assert config.model, "validate(config) checks it"
-    encoder = PEGEncoder.from_pretrained(
-        config.model,
-        dtype="float32",
-        device=device,
-        pooling=config.pooling,
-        query_prompt=config.query_prompt,
-        passage_prompt=config.passage_prompt,
-        max_length=config.max_length,
-        trust_remote_code=config.trust_remote_code,
-    )
+    model: str = config.model
+
+    def load() -> PEGEncoder:
+        return PEGEncoder.from_pretrained(
+            model,
+            dtype="float32",
+            device=device,
+            pooling=config.pooling,
+            query_prompt=config.query_prompt,
+            passage_prompt=config.passage_prompt,
+            max_length=config.max_length,
+            trust_remote_code=config.trust_remote_code,
+        )
+
+    encoder = load()
+    anchor = load() if config.anchor_weight else None
     prepare_for_training(
         encoder.model,
         lambda: encoder.embed(encoder.collate(encoder.tokenize(["probe"], "passage")[0])).sum(),
@@ -325,7 +339,7 @@ def _load_models(config: TrainConfig, device: torch.device) -> tuple[PEGEncoder,
             max_length=config.max_length,
             trust_remote_code=config.trust_remote_code,
         )
-    return encoder, guide
+    return encoder, guide, anchor
 
 
 def prepare_for_training(

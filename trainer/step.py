@@ -4,11 +4,17 @@ It leaves the parameter gradients of the global-batch loss in the model (average
 processes, hence the world-size factor), ready for clipping and the optimizer step:
 
     loss = sum_i w_i * l_i / sum_i w_i  +  lambda * sum_{i in D} KL_i / |D|
+                                        +  mu * sum_t ||e_t - b_t||^2 / M
 
 over all N queries of the global batch: InfoNCE with weights normalized to mean 1 (plain mean
 when all w_i = 1), plus, with ``distill_weight`` lambda > 0, the mean distillation term
 (distill_loss.py) over the set D of queries whose lines carry teacher scores. The progressive
 weights apply to InfoNCE only; every distilled query counts the same in the second term.
+
+With ``anchor_weight`` mu > 0, the third term (embedding distillation from the frozen
+starting model, against forgetting) pulls each of the batch's M distinct texts' embedding
+e_t towards the starting model's b_t of the same text; its gradient 2 mu (e_t - b_t) / M
+joins the cached gradients, so it costs one extra forward pass per text and no graph.
 """
 
 from __future__ import annotations
@@ -59,6 +65,7 @@ class StepStats:
     distinct: int  # texts actually embedded
     distill_kl: float = 0.0  # mean KL(teacher || student) over the distilled queries
     distilled: float = 0.0  # fraction of the queries distilled
+    anchor_distance: float = 0.0  # mean ||e_t - b_t||^2 over the distinct texts
     # (N, 2) raw weight and p_positive of every query of the global batch, in batch order;
     # only when the step was built with ``gather_queries``.
     query_values: torch.Tensor | None = None
@@ -85,6 +92,8 @@ class ContrastiveStep:
         weighting: Weighting | None = None,
         distill_weight: float = 0.0,
         teacher_temperature: float = 1.0,
+        anchor: PEGEncoder | None = None,
+        anchor_weight: float = 0.0,
         gather_queries: bool = False,
         backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
         no_sync: Callable[[], AbstractContextManager] = nullcontext,
@@ -98,6 +107,8 @@ class ContrastiveStep:
         self.weighting = weighting
         self.distill_weight = distill_weight
         self.teacher_temperature = teacher_temperature
+        self.anchor = anchor
+        self.anchor_weight = anchor_weight
         self.gather_queries = gather_queries
         self.backward = backward
         self.no_sync = no_sync
@@ -127,7 +138,9 @@ class ContrastiveStep:
         inside = (inputs.masked_queries >= low) & (inputs.masked_queries < high)
         guide = None
         if self.guide is not None:
-            guided = gather_rows(self._guide_embed(inputs, own), owners, len(inputs.ids))
+            assert inputs.guide_ids is not None
+            guided = self._frozen_embed(self.guide, inputs.guide_ids, own)
+            guided = gather_rows(guided, owners, len(inputs.ids))
             guide = (guided[query_rows], guided[column_rows])
         teacher = None
         if (
@@ -185,6 +198,13 @@ class ContrastiveStep:
             grad.index_add_(0, query_rows, out.distill.grad_queries, alpha=scale)
             grad.index_add_(0, column_rows, out.distill.grad_candidates, alpha=scale)
         own_grad = reduce_rows(grad, own).mul_(world)
+        anchor_distance = 0.0
+        if self.anchor is not None and self.anchor_weight > 0:
+            # cached.embeddings are this process's rows, in the order of ``own``.
+            drift = cached.embeddings.detach() - self._frozen_embed(self.anchor, inputs.ids, own)
+            distinct = len(inputs.ids)
+            anchor_distance = all_sum(drift.square().sum()).item() / distinct
+            own_grad.add_(drift, alpha=2 * self.anchor_weight * world / distinct)
         second_pass(embed, cached, own_grad, backward=self.backward, no_sync=self.no_sync)
 
         query_values = None
@@ -194,7 +214,9 @@ class ContrastiveStep:
             query_values = gather_rows(local, slices, total).cpu()
         normalize = total / weight_sum
         return StepStats(
-            loss=loss_sum / weight_sum + self.distill_weight * distill_kl,
+            loss=loss_sum / weight_sum
+            + self.distill_weight * distill_kl
+            + self.anchor_weight * anchor_distance,
             weight_mean=weight_sum / total,
             weight_min=-negative_min * normalize,
             weight_max=weight_max * normalize,
@@ -205,18 +227,17 @@ class ContrastiveStep:
             distinct=len(inputs.ids),
             distill_kl=distill_kl,
             distilled=distilled / total,
+            anchor_distance=anchor_distance,
             query_values=query_values,
         )
 
     @torch.no_grad()
-    def _guide_embed(self, inputs: StepInputs, own: np.ndarray) -> torch.Tensor:
-        """The frozen guide encoder's embeddings of this process's rows."""
-        guide = self.guide
-        assert guide is not None and inputs.guide_ids is not None
+    def _frozen_embed(
+        self, frozen: PEGEncoder, ids: list[list[int]], own: np.ndarray
+    ) -> torch.Tensor:
+        """A frozen encoder's embeddings of this process's rows (``ids`` in its tokens)."""
         parts = [
-            guide.embed(
-                guide.collate([inputs.guide_ids[i] for i in own[s : s + self.mini_batch_size]])
-            )
+            frozen.embed(frozen.collate([ids[i] for i in own[s : s + self.mini_batch_size]]))
             for s in range(0, len(own), self.mini_batch_size)
         ]
         return torch.cat(parts).to(self.encoder.device)
