@@ -187,6 +187,26 @@ def test_negatives_come_from_neg_then_filled_from_the_same_source(tmp_path):
     loaded.close()
 
 
+def test_fills_skip_lines_of_the_same_query(tmp_path):
+    # One line per (query, positive) pair: each query has three lines, three positives.
+    records = make_records(18, negatives=0)
+    for i, record in enumerate(records):
+        record["query"] = records[i - i % 3]["query"]
+    write_lines(tmp_path / "pairs.jsonl", records)
+    positives = {}
+    for record in records:
+        positives.setdefault(record["query"], set()).update(record["pos"])
+    loaded = data([tmp_path], hard_negatives=4, batch_size=3)
+    state, checked = loaded.initial_state(), 0
+    for _ in range(30):
+        batch, state = loaded.batch(state)
+        for query, negatives in zip(batch.queries, batch.negatives, strict=True):
+            assert not set(negatives) & positives[query]
+            checked += len(negatives)
+    assert checked == 30 * 3 * 4
+    loaded.close()
+
+
 def test_teacher_scores_follow_the_sampled_positive_and_negatives(tmp_path):
     """Each text's score is its own, whatever order the negatives are drawn in; filled-in
     negatives and lines without scores have none (NaN)."""

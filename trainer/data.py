@@ -19,7 +19,8 @@ Batches. Every batch comes from one source, drawn with probability proportional 
 ``size * source_weights.get(source, 1)``. Each query gets one positive, drawn from ``pos``, and
 exactly ``hard_negatives`` negatives: drawn from ``neg`` without replacement, and, when ``neg``
 is short, filled with positives of other random lines of the same source (never a text equal
-to the query or one of its positives). The teacher's scores follow the texts drawn; a filled-in
+to the query or one of its positives, nor from a line with the same query text, whose
+positives are this query's too). The teacher's scores follow the texts drawn; a filled-in
 negative has none (NaN).
 """
 
@@ -409,8 +410,10 @@ class TrainData:
             other = int(rng.integers(size))
             if other == line:
                 continue
-            texts = self.index.example(source, other).pos
-            text = texts[int(rng.integers(len(texts)))]
+            filler = self.index.example(source, other)
+            if filler.query.strip() == example.query.strip():
+                continue  # one line per (query, positive) pair: a positive of this query
+            text = filler.pos[int(rng.integers(len(filler.pos)))]
             if text not in banned:
                 chosen.append(text)
                 banned.add(text)

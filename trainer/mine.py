@@ -4,13 +4,12 @@ For every query the candidate pool is searched exactly (trainer.topk) and ``nega
 are sampled from ranks ``[range_min, range_max)``, counted from 0 as FlagEmbedding's
 ``hn_mine`` does, so the default 10..100 leaves out the ten best candidates, where
 unlabelled positives crowd. Within that window a candidate is skipped when its text equals
-the query or a known positive of it: the line's own positives and those of every other line
-with the same query text (data with one line per (query, positive) pair would otherwise teach
-a query's second relevant passage as a negative of its first), or when it scores above
-``max_score_ratio`` times
-the line's lowest positive score: a candidate the model likes nearly as much as a true
-positive is more likely an unlabelled positive than a negative (the "TopK-PercPos" guard
-of NV-Retriever).
+the query or a known positive of it (the line's own positives and those of every other line
+with the same query text: data with one line per (query, positive) pair would otherwise
+teach a query's second relevant passage as a negative of its first), or when it scores
+above ``max_score_ratio`` times the line's lowest positive score: a candidate the model
+likes nearly as much as a true positive is more likely an unlabelled positive than a
+negative (the "TopK-PercPos" guard of NV-Retriever).
 
 With a reranker (a cross-encoder, a better judge than the embedder) a second guard checks
 the candidates actually sampled, never the whole window: each line draws its candidates,
