@@ -20,7 +20,7 @@ their own virtual environments through ``peer_encoders.py``, made with:
     python3.11 -m venv /work/venvs/fastembed
     /work/venvs/fastembed/bin/pip install fastembed
 
-sentence-transformers' ONNX files are its own exports (plain, O3, qint8 for this CPU), made
+sentence-transformers' ONNX files are its own exports (plain, O3, int8 for this CPU), made
 once in that environment; fastembed runs the plain one (threads=2, prompts prefixed by hand).
 A peer that is missing or fails keeps its row, with the reason.
 
@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from peer_encoders import st_quantized_file
 from results_file import header, update_section
 
 REPO = Path(__file__).resolve().parents[1]
@@ -175,7 +176,7 @@ def peer_rows(args: argparse.Namespace, reference: Any, isa: str, work: Path) ->
     files = {  # name: (file, whether its numbers differ from fp32)
         "sentence-transformers ONNX fp32": ("onnx/model.onnx", False),
         "sentence-transformers ONNX O3": ("onnx/model_O3.onnx", True),
-        f"sentence-transformers ONNX qint8 ({isa})": (f"onnx/model_qint8_{isa}.onnx", True),
+        f"sentence-transformers ONNX int8 ({isa})": (st_quantized_file(isa), True),
     }
     rows = [Row(name) for name in files]
     prepared = ""

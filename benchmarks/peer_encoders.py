@@ -7,8 +7,8 @@
 
 ``prepare`` (sentence-transformers' environment) writes MODEL's folder to WORK with the ONNX
 files sentence-transformers' own exporters make: ``onnx/model.onnx``, ``onnx/model_O3.onnx``
-and ``onnx/model_qint8_<ISA>.onnx``. ``serve`` loads one encoder from FOLDER/FILE, prints one
-JSON line (``{"ready": true}``) and then answers JSON lines on stdin:
+and its int8 export (``st_quantized_file``). ``serve`` loads one encoder from FOLDER/FILE,
+prints one JSON line (``{"ready": true}``) and then answers JSON lines on stdin:
 
 - ``{"op": "encode", "texts": [...], "kind": "query"|"passage", "batch_size": 32}`` ->
   ``{"seconds": s}``; with ``"save": "x.npy"`` the vectors are written there too;
@@ -30,6 +30,12 @@ from pathlib import Path
 import numpy as np
 
 
+def st_quantized_file(isa: str) -> str:
+    """sentence-transformers' name for its int8 export for ``isa``: unsigned weights for
+    avx2 (``onnx/model_quint8_avx2.onnx``), signed for avx512, avx512_vnni and arm64."""
+    return f"onnx/model_{'quint8' if isa == 'avx2' else 'qint8'}_{isa}.onnx"
+
+
 def prepare(model: str, work: Path, isa: str) -> None:
     from sentence_transformers import (
         SentenceTransformer,
@@ -37,7 +43,7 @@ def prepare(model: str, work: Path, isa: str) -> None:
         export_optimized_onnx_model,
     )
 
-    if (work / "onnx" / f"model_qint8_{isa}.onnx").is_file():
+    if (work / st_quantized_file(isa)).is_file():
         return
     st = SentenceTransformer(model, backend="onnx", device="cpu")  # exported by optimum
     st.save_pretrained(str(work))
