@@ -251,6 +251,19 @@ def test_the_folders_own_files_are_used_as_they_are(
     assert str(model_dir / "onnx" / "model.onnx") in str(error.value)
 
 
+def test_sentence_transformers_avx2_int8_file_is_used(
+    tiny_model_dir, int8_encoder, tmp_path, monkeypatch
+):
+    model_dir = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    (model_dir / "onnx").mkdir()
+    theirs = model_dir / "onnx" / "model_quint8_avx2.onnx"  # its name for AVX2 int8 weights
+    shutil.copy(int8_encoder.model.path, theirs)
+    monkeypatch.setattr(onnx_backend, "cpu_isa", lambda: ("avx2", ("x86_64", "avx2")))
+    monkeypatch.setenv(ENV_CACHE, str(tmp_path / "cache"))
+    int8 = PEGEncoder.from_pretrained(model_dir, backend="onnx", quantize="int8")
+    assert int8.model.path == theirs and not (tmp_path / "cache").exists()
+
+
 @pytest.mark.parametrize("blocked", ["onnxruntime", "onnx"])
 def test_a_missing_extra_names_the_pip_command(tiny_model_dir, tmp_path, blocked):
     # None in sys.modules makes an import fail as if the package were not installed; an

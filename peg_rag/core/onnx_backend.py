@@ -3,7 +3,8 @@
 Where the graph comes from:
 
 1. The model folder's own files, in sentence-transformers' layout: ``onnx/model.onnx`` for
-   float32 and ``onnx/model_qint8_<isa>.onnx`` for int8 (``peg-rag export`` writes both).
+   float32 and ``onnx/model_qint8_<isa>.onnx`` for int8 (``peg-rag export`` writes both;
+   sentence-transformers' own AVX2 export, ``onnx/model_quint8_avx2.onnx``, is used too).
 2. Otherwise peg-rag's cache (``<cache dir>/onnx/<key>/``, same layout), built once per
    model: the model is exported with torch's TorchScript exporter and eager attention (the
    graph ONNX Runtime's BERT fusions recognize), the transformer optimizer fuses attention,
@@ -108,8 +109,17 @@ def cpu_isa() -> tuple[str, tuple[str, ...]]:
 
 
 def quantized_name(isa: str) -> str:
-    """File name of int8 weights for ``isa``, as sentence-transformers writes them."""
+    """File name of int8 weights for ``isa`` as peg-rag writes them (signed weights), in
+    sentence-transformers' pattern."""
     return f"model_qint8_{isa}.onnx"
+
+
+def int8_files(isa: str) -> tuple[str, ...]:
+    """The int8 files a model folder may hold for ``isa``: ours and sentence-transformers',
+    which for AVX2 is named after its unsigned weights."""
+    return (
+        (quantized_name(isa), "model_quint8_avx2.onnx") if isa == "avx2" else (quantized_name(isa),)
+    )
 
 
 def folder_file(model_dir: Path, quantize: str | None) -> Path | None:
@@ -118,7 +128,7 @@ def folder_file(model_dir: Path, quantize: str | None) -> Path | None:
     names = (
         [FP32_FILE]
         if quantize is None
-        else [quantized_name(isa) for isa in COMPATIBLE[cpu_isa()[0]]]
+        else [name for isa in COMPATIBLE[cpu_isa()[0]] for name in int8_files(isa)]
     )
     return next((folder / name for name in names if (folder / name).is_file()), None)
 
