@@ -1,8 +1,9 @@
 """Lay out the Python files of peg-rag in DEST as an install does, for static checks.
 
 The package-dir mapping in pyproject.toml puts trainer/ and integrations/ inside the
-installed peg_rag/ (as peg_rag.trainer and peg_rag.integrations). Tools that walk
-peg_rag/ on disk (import-linter, mypy) see all three folders only in such a tree.
+installed peg_rag/ (as peg_rag.trainer and peg_rag.integrations). A copy of that tree is
+where tests/test_layers.py writes deliberate violations, and where
+benchmarks/startup_time.py compares two versions.
 
     python .ci/installed_tree.py DEST
 """

@@ -1,7 +1,8 @@
 """The layer contracts (pyproject.toml, ARCHITECTURE.md) hold, and they catch violations.
 
-import-linter walks peg_rag/ on disk, so it runs on the installed layout, where trainer/ and
-integrations/ sit inside peg_rag/ (.ci/installed_tree.py), as .ci/lint does.
+import-linter walks peg_rag/ on disk; the tests run it on a copy of the installed layout
+(.ci/installed_tree.py), where trainer/ and integrations/ sit inside peg_rag/, so that they
+can add violations without touching the checkout.
 """
 
 from __future__ import annotations
