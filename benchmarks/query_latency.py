@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from encode_throughput import short_queries
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -74,12 +75,11 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=300)
     parser.add_argument("--setup", choices=SETUPS, help="internal: measure one set-up")
     args = parser.parse_args()
-    with open(args.eval_dir / "kuake-qtr-dev" / "queries.jsonl", encoding="utf-8") as handle:
-        queries = [json.loads(line)["text"] for _, line in zip(range(args.queries), handle)]
+    queries = short_queries(args.eval_dir, args.queries)
     if args.setup:
         print(json.dumps(measure(args.model, args.setup, queries)))
         return
-    print(f"{len(queries)} short kuake-qtr-dev queries, one per call, each set-up in its own process")
+    print(f"{len(queries)} short kuake-qtr-dev queries, one per call, one process per set-up")
     print("| set-up | total p50 ms | total p95 ms | tokenize p50 | model p50 | rest p50 |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for setup in SETUPS:
