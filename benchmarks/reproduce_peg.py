@@ -183,16 +183,21 @@ def validation_corpus(source: str, held: list[dict], others: list[dict]) -> dict
     return {f"d{i}": text for i, text in enumerate(docs + rest)}
 
 
-def prepare(work: Path) -> None:
-    """Training subsample, validation folders and mining pools under ``work/data``."""
+def prepare(
+    work: Path,
+    plan: dict[str, tuple[int, float]] = PLAN,
+    validation: dict[str, int] = VALIDATION,
+) -> None:
+    """Training subsample, validation folders and mining pools under ``work/data``: per
+    source of ``plan`` its lines, and ``validation`` held-out queries cut first."""
     data = work / "data"
     if (data / "prepared.json").exists():
         return
     summary = {}
-    for source, (count, weight) in PLAN.items():
+    for source, (count, weight) in plan.items():
         lines = merged_lines(source)
         random.Random(f"{SEED}-{source}").shuffle(lines)
-        held_count = VALIDATION.get(source, 0)
+        held_count = validation.get(source, 0)
         held, lines = lines[:held_count], lines[held_count:]
         if held:
             corpus = validation_corpus(source, held, lines)
@@ -223,23 +228,24 @@ def mine_jobs(work: Path) -> list[Job]:
         if target.exists():
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
-        command = [
-            PEG_RAG,
-            "mine",
-            str(data / "train" / f"{source}.jsonl"),
-            "--output",
-            str(target),
-        ]
-        command += ["--corpus", str(data / "pool" / f"{source}.jsonl"), "--negatives", "5"]
-        command += ["--max-score-ratio", str(MINE_SCORE_RATIO)]
-        command += ["--seed", str(SEED), "--model", str(BASE), "--max-length", str(MAX_LENGTH)]
+        command = mine_command(
+            data / "train" / f"{source}.jsonl", target, data / "pool" / f"{source}.jsonl"
+        )
         jobs.append((f"mine/{source}", command))
     return jobs
 
 
-def validation_sets(work: Path) -> list[str]:
+def mine_command(lines: Path, target: Path, pool: Path, model: Path = BASE) -> list[str]:
+    """peg-rag mine as this recipe runs it: 5 negatives per line from ``pool``."""
+    command = [PEG_RAG, "mine", str(lines), "--output", str(target), "--corpus", str(pool)]
+    command += ["--negatives", "5", "--max-score-ratio", str(MINE_SCORE_RATIO)]
+    return command + ["--seed", str(SEED), "--model", str(model), "--max-length", str(MAX_LENGTH)]
+
+
+def validation_sets(work: Path, validation: dict[str, int] = VALIDATION) -> list[str]:
     """What training evaluates every EVAL_STEPS steps: the held-out sets and stsb-zh."""
-    return [str(work / "data" / f"val-{source}") for source in VALIDATION] + [str(EVAL / "stsb-zh")]
+    held = [str(work / "data" / f"val-{source}") for source in validation]
+    return held + [str(EVAL / "stsb-zh")]
 
 
 def train_jobs(work: Path, name: str) -> list[Job]:
@@ -248,12 +254,24 @@ def train_jobs(work: Path, name: str) -> list[Job]:
     output = work / "runs" / name
     if (output / "model").is_dir():
         return []
-    weights = [f"{source}={weight:g}" for source, (_, weight) in PLAN.items() if weight != 1]
-    command = [PEG_RAG, "train", "--config", str(config_path(name)), "--model", str(BASE)]
-    command += ["--train", str(work / "data" / "mined"), "--output-dir", str(output)]
-    command += ["--source-weights", *weights, "--eval-dirs", *validation_sets(work)]
-    command += ["--eval-steps", str(EVAL_STEPS), "--resume", "latest"]
-    return [(f"train/{name}", command)]
+    command = train_command(config_path(name), work / "data" / "mined", output)
+    return [(f"train/{name}", command + ["--eval-dirs", *validation_sets(work)])]
+
+
+def train_command(
+    config: Path,
+    train: Path,
+    output: Path,
+    plan: dict[str, tuple[int, float]] = PLAN,
+    model: Path = BASE,
+) -> list[str]:
+    """peg-rag train as this recipe runs it, resuming from the last checkpoint, with the
+    sources' sampling weights from ``plan``."""
+    weights = [f"{source}={weight:g}" for source, (_, weight) in plan.items() if weight != 1]
+    command = [PEG_RAG, "train", "--config", str(config), "--model", str(model)]
+    command += ["--train", str(train), "--output-dir", str(output)]
+    command += ["--source-weights", *weights] if weights else []
+    return command + ["--eval-steps", str(EVAL_STEPS), "--resume", "latest"]
 
 
 def config_path(name: str) -> Path:

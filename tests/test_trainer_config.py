@@ -13,6 +13,7 @@ from trainer_utils import make_records, write_lines
 from peg_rag.cli import build_parser
 from peg_rag.trainer import ConfigError, TrainConfig, config_from_args, make_config
 from peg_rag.trainer.config import FIELDS, add_arguments
+from peg_rag.trainer.train import DATA_ORDER_KEYS
 
 PEG_YAML = Path(__file__).resolve().parents[1] / "trainer" / "configs" / "peg.yaml"
 
@@ -106,6 +107,8 @@ def test_required_cli_flags_exist():
         ("distill_weight: -1\n", "key 'distill_weight': must be >= 0"),
         ("teacher_temperature: 0\n", "key 'teacher_temperature': must be > 0"),
         ("anchor_weight: -0.5\n", "key 'anchor_weight': must be >= 0"),
+        ("mix_general: 1\ngeneral_sources: [wiki]\n", "key 'mix_general': must be in [0, 1)"),
+        ("mix_general: 0.25\n", "key 'mix_general': needs general_sources"),
         ("distill_weight: 0.5\nhard_negatives: 0\n", "distillation needs hard_negatives >= 1"),
         ("guide_model: m\n", "set false_negative_margin"),
         ("metric_for_best: x/ndcg@10\n", "needs eval_dirs"),
@@ -157,6 +160,15 @@ def test_weighting_and_distillation_keys(tmp_path, train_file):
         parse(["--config", str(config_file)] + required(train_file, tmp_path))
     resumed = parse(["--config", str(config_file), "--resume"] + required(train_file, tmp_path))
     assert resumed.log_line_weights == str(tmp_path / "weights.jsonl")
+
+
+def test_mix_general_flags(tmp_path, train_file):
+    config = parse(
+        required(train_file, tmp_path)
+        + ["--mix-general", "0.25", "--general-sources", "cmrc2018-trial", "drcd"]
+    )
+    assert (config.mix_general, config.general_sources) == (0.25, ["cmrc2018-trial", "drcd"])
+    assert {"general_sources", "mix_general"} <= set(DATA_ORDER_KEYS)
 
 
 def test_shipped_peg_config_is_valid_and_has_the_paper_setting(tmp_path, train_file):

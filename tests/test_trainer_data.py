@@ -159,6 +159,48 @@ def test_every_batch_comes_from_one_source_in_proportion(tmp_path):
     weighted.close()
 
 
+def test_mix_general_gives_each_domain_batch_a_share_of_general_lines(tmp_path):
+    write_lines(tmp_path / "med.jsonl", make_records(40, source="med", tag="医"))
+    write_lines(tmp_path / "fin.jsonl", make_records(30, source="fin", tag="金"))
+    write_lines(tmp_path / "wiki.jsonl", make_records(20, source="wiki", tag="维"))
+    write_lines(tmp_path / "news.jsonl", make_records(20, source="news", tag="闻"))
+    general = ["wiki", "news"]
+    loaded = data([tmp_path], batch_size=8, general_sources=general, mix_general=0.25)
+    state, states, wiki, kinds = loaded.initial_state(), [], [], Counter()
+    for _ in range(60):
+        states.append(state)
+        batch, state = loaded.batch(state)
+        sources = [o.path.stem for o in batch.origins]
+        assert len(sources) == 8 and sources[0] == batch.source
+        if batch.source in general:  # a general batch stays whole
+            assert set(sources) == {batch.source}
+        else:  # 6 lines of its own source, then 2 of one general source
+            assert sources[:6] == [batch.source] * 6
+            assert len(set(sources[6:])) == 1 and sources[6] in general
+            kinds[sources[6]] += 1
+        # the texts belong to the lines named: a general line's negatives are its own source's
+        texts = zip(batch.queries, batch.negatives, batch.origins, strict=True)
+        for query, negatives, origin in texts:
+            tag = {"med": "医", "fin": "金", "wiki": "维", "news": "闻"}[origin.path.stem]
+            assert query.startswith(tag) and all(n.startswith(tag) for n in negatives)
+        wiki += [line for name, line in zip(sources, batch.lines, strict=True) if name == "wiki"]
+    assert kinds["wiki"] > 0 and kinds["news"] > 0
+    # mixed-in or whole, a source's lines are read as whole epochs: its first 20 are distinct
+    assert len(wiki) > 20 and sorted(wiki[:20]) == list(range(20))
+    # resuming from a saved position replays the same mixed batches
+    again = data([tmp_path], batch_size=8, general_sources=general, mix_general=0.25)
+    position = json.loads(json.dumps(states[20]))
+    assert again.batch(position)[0].queries == loaded.batch(states[20])[0].queries
+    # off by default: the same seed gives whole batches
+    plain = data([tmp_path], batch_size=8)
+    batch, _ = plain.batch(plain.initial_state())
+    assert {o.path.stem for o in batch.origins} == {batch.source}
+    with pytest.raises(ValueError, match="general_sources names unknown source"):
+        data([tmp_path], general_sources=["nope"], mix_general=0.25)
+    for d in (loaded, again, plain):
+        d.close()
+
+
 def test_negatives_come_from_neg_then_filled_from_the_same_source(tmp_path):
     rich = make_records(10, source="rich", negatives=4)
     poor = make_records(10, source="poor", negatives=1, tag="穷")

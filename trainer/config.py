@@ -79,6 +79,8 @@ class RunConfig:
         "seed",
         "source_weights",
         "skip_bad_lines",
+        "general_sources",
+        "mix_general",
     )
 
     # What to train on, and where results go.
@@ -90,6 +92,14 @@ class RunConfig:
     )
     skip_bad_lines: bool = setting(
         False, "count and skip malformed training lines instead of failing"
+    )
+    # Against forgetting: general-domain lines in every batch of the other sources.
+    general_sources: list[str] = setting(
+        [], "sources of general-domain lines that mix_general draws from", metavar="NAME"
+    )
+    mix_general: float = setting(
+        0.0,
+        "share of each batch of another source given to lines of one of general_sources (0: off)",
     )
     # Batch shape.
     batch_size: int = setting(64, "queries per global batch (across all processes)", rule=">= 1")
@@ -440,6 +450,10 @@ def validate(config: RunConfig, origins: dict[str, str] | None = None) -> None:
         value = getattr(config, name)
         if choices is not None and value is not None and value not in choices:
             raise bad(name, f"must be one of {', '.join(choices)}, got {value!r}")
+    if not 0 <= config.mix_general < 1:
+        raise bad("mix_general", f"must be in [0, 1), got {config.mix_general}")
+    if config.mix_general > 0 and not config.general_sources:
+        raise bad("mix_general", "needs general_sources to draw from")
     for source, weight in config.source_weights.items():
         if weight <= 0:
             raise bad("source_weights", f"weight of {source!r} must be > 0, got {weight}")

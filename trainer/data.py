@@ -16,12 +16,14 @@ source: (epoch, cursor). The batch of step t is a pure function of the seed, t a
 position, which makes resume exact.
 
 Batches. Every batch comes from one source, drawn with probability proportional to
-``size * source_weights.get(source, 1)``. Each query gets one positive, drawn from ``pos``, and
-exactly ``hard_negatives`` negatives: drawn from ``neg`` without replacement, and, when ``neg``
-is short, filled with positives of other random lines of the same source (never a text equal
-to the query or one of its positives, nor from a line with the same query text, whose
-positives are this query's too). The teacher's scores follow the texts drawn; a filled-in
-negative has none (NaN).
+``size * source_weights.get(source, 1)``. With ``mix_general`` > 0, a batch drawn from any
+other source than ``general_sources`` gives that share of its lines to one general source
+(drawn the same way among them), so that the in-domain training keeps seeing general data.
+Each query gets one positive, drawn from ``pos``, and exactly ``hard_negatives`` negatives:
+drawn from ``neg`` without replacement, and, when ``neg`` is short, filled with positives of
+other random lines of the line's own source (never a text equal to the query or one of its
+positives, nor from a line with the same query text, whose positives are this query's too).
+The teacher's scores follow the texts drawn; a filled-in negative has none (NaN).
 """
 
 from __future__ import annotations
@@ -276,14 +278,14 @@ class LineIndex:
 
 @dataclass
 class Batch:
-    """One global batch of texts, all from one source."""
+    """One global batch of texts, all from one source (but the mixed-in general lines)."""
 
     source: str
     queries: list[str]
     prompts: list[str | None]
     positives: list[str]
     negatives: list[list[str]]
-    lines: list[int]  # line numbers within the source, for tracing the data order
+    lines: list[int]  # line numbers within each line's source, for tracing the data order
     origins: list[FileLine] = field(default_factory=list)  # each query's file and line
     # Per query: the teacher's score of its positive, then of each of its negatives; NaN
     # where there is none (a line without scores, a filled-in negative). Empty: no scores.
@@ -311,21 +313,28 @@ class TrainData:
         seed: int,
         source_weights: dict[str, float] | None = None,
         skip_bad_lines: bool = False,
+        general_sources: Sequence[str] = (),
+        mix_general: float = 0.0,
     ) -> None:
         self.index = LineIndex(find_files(paths), skip_bad_lines=skip_bad_lines)
         self.batch_size = batch_size
         self.hard_negatives = hard_negatives
         self.seed = seed
         weights = dict(source_weights or {})
-        unknown = sorted(set(weights) - set(self.index.sources))
-        if unknown:
-            raise ValueError(
-                f"source_weights names unknown source(s) {', '.join(unknown)}; "
-                f"the data has {', '.join(self.index.sources)}"
-            )
+        for name, given in (("source_weights", weights), ("general_sources", general_sources)):
+            unknown = sorted(set(given) - set(self.index.sources))
+            if unknown:
+                raise ValueError(
+                    f"{name} names unknown source(s) {', '.join(unknown)}; "
+                    f"the data has {', '.join(self.index.sources)}"
+                )
         named = zip(self.index.sources, self.index.sizes, strict=True)
         mass = np.array([size * weights.get(name, 1.0) for name, size in named])
         self.probabilities = mass / mass.sum()
+        self.general = [self.index.sources.index(name) for name in general_sources]
+        self.mixed = round(mix_general * batch_size) if self.general else 0
+        general_mass = mass[self.general]
+        self.general_probabilities = general_mass / general_mass.sum() if self.general else mass[:0]
         for source, size in zip(self.index.sources, self.index.sizes, strict=True):
             if size < batch_size:
                 logger.warning(
@@ -359,34 +368,44 @@ class TrainData:
         """The batch at ``state`` and the state after it; pure, so resume replays exactly."""
         rng = np.random.default_rng([self.seed, state["step"]])
         source = int(rng.choice(len(self.index.sources), p=self.probabilities))
-        size = self.index.sizes[source]
-        epoch, cursor = state["epoch"][source], state["cursor"][source]
-        absolute = cursor + np.arange(self.batch_size)
-        epochs = epoch + absolute // size
-        lines = np.empty(self.batch_size, dtype=np.int64)
-        for e in np.unique(epochs):
-            where = epochs == e
-            lines[where] = permute(absolute[where] % size, size, self._key(source, int(e)))
-        end = cursor + self.batch_size
         after = {
             "step": state["step"] + 1,
             "epoch": list(state["epoch"]),
             "cursor": list(state["cursor"]),
         }
-        after["epoch"][source] = epoch + end // size
-        after["cursor"][source] = end % size
-        batch = Batch(self.index.sources[source], [], [], [], [], lines.tolist())
-        for line in batch.lines:
-            example = self.index.example(source, line)
-            batch.queries.append(example.query)
-            batch.prompts.append(example.prompt)
-            pick = int(rng.integers(len(example.pos)))
-            batch.positives.append(example.pos[pick])
-            texts, taken = self._negatives(example, source, line, rng)
-            batch.negatives.append(texts)
-            batch.origins.append(self.index.origin(source, line))
-            batch.teacher_scores.append(_teacher_scores(example, pick, taken, len(texts)))
+        parts = [(source, self.batch_size)]
+        if self.mixed and source not in self.general:
+            general = self.general[int(rng.choice(len(self.general), p=self.general_probabilities))]
+            parts = [(source, self.batch_size - self.mixed), (general, self.mixed)]
+        batch = Batch(self.index.sources[source], [], [], [], [], [])
+        for part, count in parts:
+            for line in self._take(part, count, after):
+                example = self.index.example(part, line)
+                batch.lines.append(line)
+                batch.queries.append(example.query)
+                batch.prompts.append(example.prompt)
+                pick = int(rng.integers(len(example.pos)))
+                batch.positives.append(example.pos[pick])
+                texts, taken = self._negatives(example, part, line, rng)
+                batch.negatives.append(texts)
+                batch.origins.append(self.index.origin(part, line))
+                batch.teacher_scores.append(_teacher_scores(example, pick, taken, len(texts)))
         return batch, after
+
+    def _take(self, source: int, count: int, after: dict[str, Any]) -> list[int]:
+        """The next ``count`` lines of ``source`` in its epochs' permuted orders; advances the
+        source's position in ``after``."""
+        size = self.index.sizes[source]
+        epoch, cursor = after["epoch"][source], after["cursor"][source]
+        absolute = cursor + np.arange(count)
+        epochs = epoch + absolute // size
+        lines = np.empty(count, dtype=np.int64)
+        for e in np.unique(epochs):
+            where = epochs == e
+            lines[where] = permute(absolute[where] % size, size, self._key(source, int(e)))
+        after["epoch"][source] = epoch + (cursor + count) // size
+        after["cursor"][source] = (cursor + count) % size
+        return lines.tolist()
 
     def _key(self, source: int, epoch: int) -> int:
         return int(np.random.SeedSequence([self.seed, source, epoch]).generate_state(1)[0])

@@ -232,6 +232,8 @@ def begin_run(config: RunConfig, *, hard_negatives: int) -> tuple[Accelerator, T
         seed=config.seed,
         source_weights=config.source_weights,
         skip_bad_lines=config.skip_bad_lines,
+        general_sources=config.general_sources,
+        mix_general=config.mix_general,
     )
     return accelerator, data, output_dir
 

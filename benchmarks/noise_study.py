@@ -1,0 +1,603 @@
+"""The noisy-label study (issue 14): which reading of progressive learning resists label noise,
+and what a reranker's guard and distillation add. One command, resumable, sized for 2 cores.
+
+    python benchmarks/noise_study.py [--work DIR] [--lock FILE] [--stages ...]
+    python benchmarks/noise_study.py --smoke     # the whole pipeline, tiny, a few minutes
+
+``--work`` defaults to ``bench/noise`` in peg-rag's cache directory; ``--lock`` as in
+reproduce_peg.py. Stages, each skipped where its output exists (a killed training run resumes
+from its last checkpoint); about 11 hours in all on 2 cores (9 embedder runs of ~40 minutes,
+2 reranker runs of ~60, mining, scoring and evaluation):
+
+1. ``prepare``: reproduce_peg.py's training subsample and held-out validation sets, and a
+   noisy copy of the lines: for NOISE (40%) of the queries, drawn with a seed per query text,
+   the positives are replaced by those of a random other line of the same source. The draw
+   depends only on the text, so the teacher's subsample of a source gets the same noise.
+   ``data/noise.json`` lists the corrupted lines' queries.
+2. ``teacher``: reproduce_reranker.py's recipe (prepare, mine, train) twice: in
+   ``teacher-noisy/`` with its training and held-out lines corrupted the same way (the
+   teacher never sees the truth), and in ``teacher-clean/`` unchanged, for distillation on
+   clean data.
+3. ``mine``: ``peg-rag mine`` with the base model as in reproduce_peg.py, of the clean and the
+   noisy lines, and of the noisy lines guarded by the noisy teacher (its default rule: drop
+   candidates it scores above the line's positive).
+4. ``score``: ``peg-rag score`` (ONNX Runtime int8) of the guarded noisy lines by the noisy
+   teacher, and of the clean mined lines by the clean teacher.
+5. ``train``: RUNS, from trainer/configs/ablation-a.yaml (A) and ablation-c.yaml (C). Every
+   run logs each line's weight and p_positive (``log_line_weights``). "C-best" is the C
+   weighting whose noisy run ends with the higher mean nDCG@10 on the held-out validation
+   queries (clean labels: a small leak of the truth, limited to this one choice).
+6. ``eval``: per query nDCG@10 (dense, max length 512) on kuake-qtr-dev, cmedir-dev and
+   cmrc2018-dev, and per pair cosines on stsb-zh, for the base model and every run.
+7. ``report``: the table, paired-bootstrap 95% intervals of the differences, each weighting's
+   AUC at flagging the corrupted lines, wall times, ``benchmarks/noise_study.png`` and the
+   "Noisy labels (issue 14)" section of RESULTS.md (with ``--smoke``: both in the work folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import reproduce_peg as peg
+import reproduce_reranker as teacher_recipe
+import results_file
+from results_file import header, update_section
+
+from peg_rag.core.cache import cache_dir
+
+NOISE = 0.4
+STAGES = ("prepare", "teacher", "mine", "score", "train", "eval", "report")
+RETRIEVAL_SETS = peg.RETRIEVAL_SETS
+QUALITY = ("kuake-qtr-dev", "cmedir-dev")  # the robustness goal: their mean nDCG@10
+DISTILL = ["--distill-weight", "1.0"]  # teacher_temperature: the trainer's default (1.0)
+BOOTSTRAP_DRAWS = 2000
+# Runs: name -> (training data folder under data/, config, extra flags). "C-best" runs take
+# the winning weighting's flags, known once both noisy C runs are trained.
+WEIGHTINGS = {"C-focal": ["--weighting", "focal"], "C-self": ["--weighting", "self_paced"]}
+RUNS = {
+    "clean A": ("mined-clean", "a", []),
+    "clean C-focal": ("mined-clean", "c", WEIGHTINGS["C-focal"]),
+    "clean C-self": ("mined-clean", "c", WEIGHTINGS["C-self"]),
+    "noisy A": ("mined-noisy", "a", []),
+    "noisy C-focal": ("mined-noisy", "c", WEIGHTINGS["C-focal"]),
+    "noisy C-self": ("mined-noisy", "c", WEIGHTINGS["C-self"]),
+    "noisy C-best + guard": ("mined-guarded", "c", ["best"]),
+    "noisy C-best + guard + distill": ("scored-guarded", "c", ["best", *DISTILL]),
+    "clean C-best + distill": ("scored-clean", "c", ["best", *DISTILL]),
+}
+# --smoke: two small sources, a 1-layer model, 4 steps, evaluation on a few queries.
+SMOKE_PLAN = {"kuake-qtr": (40, 1.0), "paraphrase-medical": (40, 1.0)}
+SMOKE_VALIDATION = {"paraphrase-medical": 10}
+SMOKE_TRAIN = ["--max-steps", "4", "--batch-size", "8", "--mini-batch-size", "4"]
+SMOKE_TRAIN += ["--max-length", "64", "--eval-steps", "2", "--save-steps", "2"]
+SMOKE_TRAIN += ["--logging-steps", "1"]
+SMOKE_PAIRS = 40
+
+
+def log(message: str) -> None:
+    peg.log(f"noise_study: {message}")
+
+
+def folder_name(run: str) -> str:
+    return run.replace(" + ", "-").replace(" ", "-")
+
+
+def base_model(work: Path, smoke: bool) -> Path:
+    return teacher_recipe.base_model(work, smoke)
+
+
+def plan(smoke: bool) -> tuple[dict[str, tuple[int, float]], dict[str, int]]:
+    return (SMOKE_PLAN, SMOKE_VALIDATION) if smoke else (peg.PLAN, peg.VALIDATION)
+
+
+# --- 1. prepare -----------------------------------------------------------------------
+
+
+def noisy_positives(source: str, query: str, lines: list[dict]) -> list[str] | None:
+    """The positives this query gets under noise (another line's, from the same source), or
+    None when its seeded draw leaves it clean. Depends only on (source, query)."""
+    rng = random.Random(f"{peg.SEED}-noise-{source}-{query}")
+    if rng.random() >= NOISE:
+        return None
+    while True:
+        donor = rng.choice(lines)
+        if donor["query"] != query:
+            return donor["pos"]
+
+
+def corrupt_files(files: list[Path], sources: dict[str, list[dict]]) -> dict[str, list[str]]:
+    """Rewrite each JSONL file of lines with its corrupted lines' positives replaced; returns
+    {file name: the corrupted lines' queries}. Rewriting twice gives the same files."""
+    corrupted = {}
+    for path in files:
+        lines = [json.loads(raw) for raw in path.read_text(encoding="utf-8").splitlines()]
+        hit = []
+        for line in lines:
+            swapped = noisy_positives(path.stem, line["query"], sources[path.stem])
+            if swapped is not None:
+                line["pos"] = swapped
+                hit.append(line["query"])
+        peg.write_jsonl(path, lines)
+        corrupted[path.name] = hit
+    return corrupted
+
+
+def source_lines(names: list[str]) -> dict[str, list[dict]]:
+    return {name: peg.merged_lines(name) for name in names}
+
+
+def prepare(work: Path, smoke: bool) -> None:
+    """Clean subsample, validation sets and pools (reproduce_peg.py), then the noisy copy."""
+    data = work / "data"
+    if (data / "noise.json").exists():
+        return
+    train_plan, validation = plan(smoke)
+    peg.prepare(work, train_plan, validation)
+    noisy = data / "noisy"
+    noisy.mkdir(parents=True, exist_ok=True)
+    for source in train_plan:
+        (noisy / f"{source}.jsonl").write_bytes((data / "train" / f"{source}.jsonl").read_bytes())
+    files = sorted(noisy.glob("*.jsonl"))
+    corrupted = corrupt_files(files, source_lines(list(train_plan)))
+    record = {"noise": NOISE, "corrupted": corrupted}
+    (data / "noise.json").write_text(json.dumps(record) + "\n", encoding="utf-8")
+    for name, hit in corrupted.items():
+        lines = len((noisy / name).read_text(encoding="utf-8").splitlines())
+        log(f"{name}: {len(hit)} of {lines} lines corrupted")
+
+
+# --- 2. teacher -----------------------------------------------------------------------
+
+
+def teacher_dir(work: Path, noisy: bool) -> Path:
+    return work / ("teacher-noisy" if noisy else "teacher-clean")
+
+
+def train_teacher(work: Path, smoke: bool, noisy: bool, lock: str | None) -> None:
+    """reproduce_reranker.py's prepare, mine and train in the teacher's folder; the noisy
+    teacher's training and held-out lines are corrupted before mining."""
+    folder = teacher_dir(work, noisy)
+    teacher_recipe.prepare(folder, smoke)
+    marker = folder / "data" / "noise.json"
+    if noisy and not marker.exists():
+        files = sorted((folder / "data" / "train").glob("*.jsonl"))
+        files += sorted((folder / "data" / "held").glob("*.jsonl"))
+        corrupted = corrupt_files(files, source_lines(sorted({f.stem for f in files})))
+        marker.write_text(json.dumps({"noise": NOISE, "corrupted": corrupted}) + "\n", "utf-8")
+    peg.run_all(folder, teacher_recipe.mine_jobs(folder, smoke), lock)
+    peg.run_all(folder, teacher_recipe.train_jobs(folder, smoke), lock)
+
+
+def teacher_model(work: Path, noisy: bool) -> Path:
+    return teacher_recipe.reranker_dir(teacher_dir(work, noisy))
+
+
+# --- 3. mine and 4. score -------------------------------------------------------------
+
+
+def mine_jobs(work: Path, smoke: bool) -> list[peg.Job]:
+    data, model = work / "data", base_model(work, smoke)
+    guard = ["--reranker", str(teacher_model(work, noisy=True))]
+    jobs = []
+    for lines, target, extra in (
+        ("train", "mined-clean", []),
+        ("noisy", "mined-noisy", []),
+        ("noisy", "mined-guarded", guard),
+    ):
+        for source in plan(smoke)[0]:
+            out = data / target / f"{source}.jsonl"
+            if not out.exists():
+                out.parent.mkdir(parents=True, exist_ok=True)
+                pool = data / "pool" / f"{source}.jsonl"
+                command = peg.mine_command(data / lines / f"{source}.jsonl", out, pool, model)
+                jobs.append((f"mine/{target}/{source}", command + extra))
+    return jobs
+
+
+def score_jobs(work: Path) -> list[peg.Job]:
+    """Teacher scores: the noisy teacher's of the guarded noisy lines, the clean teacher's of
+    the clean mined lines."""
+    data = work / "data"
+    jobs = []
+    for mined, target, noisy in (
+        ("mined-guarded", "scored-guarded", True),
+        ("mined-clean", "scored-clean", False),
+    ):
+        for path in sorted((data / mined).glob("*.jsonl")):
+            out = data / target / path.name
+            if not out.exists():
+                out.parent.mkdir(parents=True, exist_ok=True)
+                command = [peg.PEG_RAG, "score", str(path), "--output", str(out)]
+                command += ["--reranker", str(teacher_model(work, noisy))]
+                command += ["--backend", "onnx", "--quantize", "int8"]
+                jobs.append((f"score/{target}/{path.stem}", command))
+    return jobs
+
+
+# --- 5. train -------------------------------------------------------------------------
+
+
+def final_validation(work: Path, run: str) -> float:
+    """Mean nDCG@10 over the validation sets at the run's last evaluation."""
+    rows = peg.read_log(work / "runs" / folder_name(run) / "log.jsonl")
+    last = [r for r in rows if any(k.startswith("eval/val-") for k in r)][-1]
+    values = [v for k, v in last.items() if k.startswith("eval/val-") and k.endswith("ndcg@10")]
+    return sum(values) / len(values)
+
+
+def best_weighting(work: Path) -> str:
+    """The C weighting (a key of WEIGHTINGS) whose noisy run scores higher on the held-out
+    validation queries."""
+    return max(WEIGHTINGS, key=lambda name: final_validation(work, f"noisy {name}"))
+
+
+def train_job(work: Path, smoke: bool, run: str) -> list[peg.Job]:
+    output = work / "runs" / folder_name(run)
+    if (output / "model").is_dir():
+        return []
+    folder, config, extra = RUNS[run]
+    if "best" in extra:
+        extra = [*WEIGHTINGS[best_weighting(work)], *[e for e in extra if e != "best"]]
+    command = peg.train_command(
+        peg.config_path(config),
+        work / "data" / folder,
+        output,
+        plan(smoke)[0],
+        base_model(work, smoke),
+    )
+    command += ["--eval-dirs", *peg.validation_sets(work, plan(smoke)[1])]
+    command += ["--log-line-weights", str(output / "line_weights.jsonl"), *extra]
+    return [(f"train/{run}", command + (SMOKE_TRAIN if smoke else []))]
+
+
+# --- 6. eval --------------------------------------------------------------------------
+
+
+def model_path(work: Path, smoke: bool, name: str) -> Path:
+    if name == "base":
+        return base_model(work, smoke)
+    return work / "runs" / folder_name(name) / "model"
+
+
+def eval_jobs(work: Path, smoke: bool) -> list[peg.Job]:
+    jobs = []
+    for name in ["base", *RUNS]:
+        if (work / "eval" / f"{folder_name(name)}.json").exists():
+            continue
+        command = [sys.executable, str(Path(__file__).resolve()), "--work", str(work)]
+        command += ["--evaluate", name, *(["--smoke"] if smoke else [])]
+        jobs.append((f"eval/{name}", command))
+    return jobs
+
+
+def evaluate(work: Path, smoke: bool, name: str) -> None:
+    """work/eval/NAME.json: {set: {query id: nDCG@10}} and stsb-zh's cosines and gold."""
+    from peg_rag.core.beir import load_beir, load_pairs
+    from peg_rag.core.encoder import PEGEncoder
+    from peg_rag.core.metrics import ndcg_at_k
+    from peg_rag.retrieval.evaluate import dense_run, judged_queries
+
+    encoder = PEGEncoder.from_pretrained(
+        model_path(work, smoke, name),
+        max_length=128 if smoke else peg.EVAL_LENGTH,
+        batch_size=64,
+        show_progress_bar=not smoke,
+    )
+    record: dict[str, dict] = {}
+    for set_name in RETRIEVAL_SETS:
+        if smoke:
+            data = teacher_recipe.evaluation_subset(set_name, smoke=True)
+        else:
+            data = load_beir(peg.EVAL / set_name)
+            judged_queries(data)
+        run = dense_run(encoder, data)
+        record[set_name] = {q: ndcg_at_k(ranked, data.qrels[q], 10) for q, ranked in run.items()}
+        log(f"{name} {set_name}: nDCG@10 {100 * np.mean(list(record[set_name].values())):.2f}")
+    left, right, gold = load_pairs(peg.EVAL / "stsb-zh" / "pairs.tsv")
+    if smoke:
+        left, right, gold = left[:SMOKE_PAIRS], right[:SMOKE_PAIRS], gold[:SMOKE_PAIRS]
+    a, b = encoder.encode(left, "query"), encoder.encode(right, "query")
+    cosine = (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    record["stsb-zh"] = {"cosine": cosine.tolist(), "gold": list(gold)}
+    target = work / "eval" / f"{folder_name(name)}.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    peg.write_jsonl(target, [record])
+
+
+# --- 7. report ------------------------------------------------------------------------
+
+
+def load_eval(work: Path, name: str) -> dict:
+    return json.loads((work / "eval" / f"{folder_name(name)}.json").read_text(encoding="utf-8"))
+
+
+def per_query(record: dict, set_name: str) -> np.ndarray:
+    return np.array([record[set_name][q] for q in sorted(record[set_name])])
+
+
+def stsb(record: dict, index: np.ndarray | None = None) -> float:
+    from peg_rag.core.metrics import spearman
+
+    cosine, gold = np.array(record["stsb-zh"]["cosine"]), np.array(record["stsb-zh"]["gold"])
+    if index is not None:
+        cosine, gold = cosine[index], gold[index]
+    return spearman(cosine, gold)
+
+
+def paired_difference(x: dict, y: dict, sets: tuple[str, ...]) -> tuple[float, float, float]:
+    """x - y in nDCG@10 x 100, averaged over ``sets`` (each set's mean over its queries),
+    with the 95% interval of a paired bootstrap that resamples each set's queries."""
+    rng = np.random.default_rng(peg.SEED)
+    diffs = [per_query(x, s) - per_query(y, s) for s in sets]
+    draws = np.zeros(BOOTSTRAP_DRAWS)
+    for d in diffs:
+        draws += d[rng.integers(0, len(d), size=(BOOTSTRAP_DRAWS, len(d)))].mean(axis=1)
+    draws *= 100 / len(diffs)
+    point = 100 * float(np.mean([d.mean() for d in diffs]))
+    low, high = np.percentile(draws, [2.5, 97.5])
+    return point, float(low), float(high)
+
+
+def stsb_difference(x: dict, y: dict) -> tuple[float, float, float]:
+    """x - y in Spearman x 100, with a paired-bootstrap 95% interval over the pairs."""
+    rng = np.random.default_rng(peg.SEED)
+    n = len(x["stsb-zh"]["gold"])
+    draws = [
+        100 * (stsb(x, index) - stsb(y, index))
+        for index in rng.integers(0, n, size=(BOOTSTRAP_DRAWS // 4, n))
+    ]
+    low, high = np.percentile(draws, [2.5, 97.5])
+    return 100 * (stsb(x) - stsb(y)), float(low), float(high)
+
+
+def auc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """P(a positive scores above a negative), ties counting half: every pair compared."""
+    high, low = scores[positive][:, None], scores[~positive][None, :]
+    return float((high > low).mean() + 0.5 * (high == low).mean())
+
+
+def noise_auc(work: Path, run: str) -> dict[str, float]:
+    """How well a run's second-half weights (and its p_positive) flag the corrupted lines:
+    AUC of "lower means corrupted", per line averaged over its rows with gamma past half of
+    its final value (all rows for runs without weighting)."""
+    corrupted = json.loads((work / "data" / "noise.json").read_text(encoding="utf-8"))
+    bad = set()  # (file name, line number) of the corrupted lines in the run's training files
+    for path in sorted((work / "data" / RUNS[run][0]).glob("*.jsonl")):
+        hits = set(corrupted["corrupted"][path.name])
+        queries = (json.loads(raw)["query"] for raw in path.read_text("utf-8").splitlines())
+        bad |= {(path.name, n) for n, query in enumerate(queries, 1) if query in hits}
+    rows = peg.read_log(work / "runs" / folder_name(run) / "line_weights.jsonl")
+    last = {}  # a resumed run repeats steps: keep the last rows of each (step, line)
+    for r in rows:
+        last[(r["step"], r["file"], r["line"])] = r
+    top = max(r["gamma"] for r in last.values())
+    kept: dict[tuple[str, int], list[tuple[float, float]]] = defaultdict(list)
+    for r in last.values():
+        if r["gamma"] >= top / 2:
+            kept[(Path(r["file"]).name, r["line"])].append((r["weight"], r["p_positive"]))
+    keys = sorted(kept)
+    weight = np.array([np.mean([w for w, _ in kept[k]]) for k in keys])
+    p = np.array([np.mean([q for _, q in kept[k]]) for k in keys])
+    label = np.array([k in bad for k in keys])
+    return {"weight": auc(-weight, label), "p_positive": auc(-p, label), "lines": len(keys)}
+
+
+def timings(work: Path) -> dict[str, float]:
+    found = {}
+    for folder in (work, teacher_dir(work, True), teacher_dir(work, False)):
+        path = folder / "timings.json"
+        if path.exists():
+            prefix = "" if folder == work else f"{folder.name}/"
+            found.update(
+                {prefix + k: v["seconds"] for k, v in json.loads(path.read_text()).items()}
+            )
+    return found
+
+
+def interval(diff: tuple[float, float, float]) -> str:
+    return f"{diff[0]:+.2f} [{diff[1]:+.2f}, {diff[2]:+.2f}]"
+
+
+def report(work: Path, smoke: bool) -> None:
+    evals = {name: load_eval(work, name) for name in ["base", *RUNS]}
+    walls = timings(work)
+    best = best_weighting(work)
+
+    def ndcg(name: str, set_name: str) -> float:
+        return 100 * float(per_query(evals[name], set_name).mean())
+
+    def mean2(name: str) -> float:
+        return sum(ndcg(name, s) for s in QUALITY) / len(QUALITY)
+
+    table = [
+        "| run | " + " | ".join(RETRIEVAL_SETS) + " | mean kuake+cmedir | stsb-zh Spearman "
+        "| training wall time |",
+        "| --- | " + " | ".join("---:" for _ in RETRIEVAL_SETS) + " | ---: | ---: | ---: |",
+    ]
+    for name in evals:
+        wall = walls.get(f"train/{name}")
+        table.append(
+            f"| {name} | "
+            + " | ".join(f"{ndcg(name, s):.2f}" for s in RETRIEVAL_SETS)
+            + f" | {mean2(name):.2f} | {100 * stsb(evals[name]):.2f} | "
+            + (f"{wall / 60:.1f} min" if wall else "-")
+            + " |"
+        )
+    comparisons = [
+        ("clean C-focal", "clean A"),
+        ("clean C-self", "clean A"),
+        ("noisy C-focal", "noisy A"),
+        ("noisy C-self", "noisy A"),
+        ("noisy C-best + guard", "noisy A"),
+        ("noisy C-best + guard + distill", "noisy A"),
+        ("noisy C-best + guard + distill", "noisy C-best + guard"),
+        ("clean C-best + distill", f"clean {best}"),
+    ]
+    diffs = [
+        "| difference | mean kuake+cmedir | " + " | ".join(RETRIEVAL_SETS) + " | stsb-zh |",
+        "| --- | ---: | " + " | ".join("---:" for _ in RETRIEVAL_SETS) + " | ---: |",
+    ]
+    for x, y in comparisons:
+        cells = [interval(paired_difference(evals[x], evals[y], QUALITY))]
+        cells += [interval(paired_difference(evals[x], evals[y], (s,))) for s in RETRIEVAL_SETS]
+        cells.append(interval(stsb_difference(evals[x], evals[y])))
+        diffs.append(f"| {x} - {y} | " + " | ".join(cells) + " |")
+    aucs = {run: noise_auc(work, run) for run in RUNS if run.startswith("noisy")}
+    auc_rows = ["| noisy run | AUC of its weights | AUC of p_positive | lines |"]
+    auc_rows.append("| --- | ---: | ---: | ---: |")
+    for run, found in aucs.items():
+        weighting = "-" if run == "noisy A" else f"{found['weight']:.3f}"
+        auc_rows.append(f"| {run} | {weighting} | {found['p_positive']:.3f} | {found['lines']} |")
+
+    noisy_runs = [run for run in RUNS if run.startswith("noisy") and run != "noisy A"]
+    winner = max(noisy_runs, key=mean2)
+    robust = paired_difference(evals[winner], evals["noisy A"], QUALITY)
+    clean_best = max((run for run in RUNS if run.startswith("clean")), key=mean2)
+    kept = (mean2(winner) - mean2("base")) / (mean2(clean_best) - mean2("base"))
+    distill = paired_difference(
+        evals["clean C-best + distill"], evals[f"clean {best}"], QUALITY[:1]
+    )
+    others = [
+        paired_difference(evals["clean C-best + distill"], evals[f"clean {best}"], (s,))[0]
+        for s in RETRIEVAL_SETS[1:]
+    ]
+    others.append(stsb_difference(evals["clean C-best + distill"], evals[f"clean {best}"])[0])
+    best_auc = max(
+        ((run, found["weight"]) for run, found in aucs.items() if run != "noisy A"),
+        key=lambda item: item[1],
+    )
+    focal_auc = aucs["noisy C-focal"]["weight"]
+    goals = [
+        f"- Noise detection: best AUC of a weighting {best_auc[1]:.3f} ({best_auc[0]}); focal "
+        f"{focal_auc:.3f}; goal >= 0.8: " + ("**met**" if best_auc[1] >= 0.8 else "**missed**"),
+        f"- Robustness: best noisy run ({winner}) - noisy A on mean kuake+cmedir: "
+        f"{interval(robust)}; goal: the interval above 0: "
+        + ("**met**" if robust[1] > 0 else "**missed**")
+        + f". It keeps {100 * kept:.0f}% of the best clean run's ({clean_best}) gain over the "
+        "base model.",
+        f"- Distillation on clean data: kuake-qtr-dev {interval(distill)} (goal >= +1.0), "
+        f"largest loss elsewhere {min(others):+.2f} (goal >= -0.5): "
+        + ("**met**" if distill[0] >= 1.0 and min(others) >= -0.5 else "**missed**"),
+    ]
+    prepared = json.loads((work / "data" / "noise.json").read_text(encoding="utf-8"))
+    noise_counts = ", ".join(
+        f"{name.removesuffix('.jsonl')} {len(hit)}" for name, hit in prepared["corrupted"].items()
+    )
+    plot_file = work / "noise_study.png" if smoke else Path(__file__).with_name("noise_study.png")
+    plot(evals, aucs, mean2, plot_file)
+    body = "\n".join(
+        [
+            header("Noisy labels (issue 14): progressive weighting, guard and distillation"),
+            f"- Recipe: `python benchmarks/noise_study.py` (scratch files in `{work}`); "
+            "data, base model and configs as in the PEG ablation (reproduce_peg.py, "
+            "ablation-a.yaml and ablation-c.yaml); teachers: reproduce_reranker.py's recipe.",
+            f"- Noise: {100 * NOISE:.0f}% of the queries (seeded per query text) get the "
+            f"positives of another line of the same source, before mining; corrupted lines "
+            f"per source: {noise_counts}.",
+            f"- C-best: {best} ({' '.join(WEIGHTINGS[best])}), the better noisy C run on the "
+            "held-out validation queries. Distillation: "
+            f"`{' '.join(DISTILL)}` with the teacher's raw logits (teacher_temperature 1.0).",
+            f"- Intervals: paired bootstrap, {BOOTSTRAP_DRAWS} draws of the queries "
+            f"({BOOTSTRAP_DRAWS // 4} of the stsb-zh pairs), 95%.",
+            "",
+            "nDCG@10 x 100 (dense, max length 512), Spearman x 100:",
+            "",
+            *table,
+            "",
+            "Differences, x 100, with 95% intervals:",
+            "",
+            *diffs,
+            "",
+            'Flagging the corrupted lines: AUC of "lower means corrupted" over each line\'s '
+            "mean in the second half of the weighting (0.5 is chance; focal's weights rank "
+            "the other way round by design):",
+            "",
+            *auc_rows,
+            "",
+            "Goals:",
+            "",
+            *goals,
+            "",
+            "Wall times: " + "; ".join(f"{k} {v / 60:.1f} min" for k, v in walls.items()),
+            "",
+            "![noise study](noise_study.png)",
+        ]
+    )
+    if smoke:
+        results_file.RESULTS = work / "RESULTS.md"
+    update_section("noise_study", body)
+
+
+def plot(evals: dict, aucs: dict, mean2: Callable[[str], float], target: Path) -> None:
+    """Mean kuake+cmedir nDCG@10 per run, and the noisy runs' AUCs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    names = list(evals)
+    colors = [
+        "grey" if n == "base" else "tab:blue" if n.startswith("clean") else "tab:red" for n in names
+    ]
+    left.barh(names, [mean2(n) for n in names], color=colors)
+    left.set_xlim(min(mean2(n) for n in names) - 2, max(mean2(n) for n in names) + 1)
+    left.invert_yaxis()
+    left.set_xlabel("mean nDCG@10 x 100, kuake-qtr-dev and cmedir-dev")
+    runs = list(aucs)
+    right.barh(runs, [aucs[r]["p_positive"] for r in runs], color="tab:red")
+    right.axvline(0.5, color="black", linewidth=0.8)
+    right.invert_yaxis()
+    right.set_xlabel("AUC of p_positive at flagging corrupted lines (0.5 = chance)")
+    fig.tight_layout()
+    fig.savefig(target, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--work", type=Path, help="scratch folder (default: bench/noise in the cache)"
+    )
+    parser.add_argument(
+        "--lock",
+        default=str(Path(tempfile.gettempdir()) / "peg-rag-cpu.lock"),
+        help="flock file held by the heavy steps ('' for none; default: %(default)s)",
+    )
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
+    parser.add_argument("--smoke", action="store_true", help="tiny end-to-end run")
+    parser.add_argument("--evaluate", help="internal: evaluate one model (base or a run)")
+    args = parser.parse_args()
+    work = args.work or cache_dir() / "bench" / ("noise-smoke" if args.smoke else "noise")
+    lock = args.lock or None
+    if args.evaluate:
+        evaluate(work, args.smoke, args.evaluate)
+        return
+    if "prepare" in args.stages:
+        prepare(work, args.smoke)
+    if "teacher" in args.stages:
+        for noisy in (True, False):
+            train_teacher(work, args.smoke, noisy, lock)
+    if "mine" in args.stages:
+        peg.run_all(work, mine_jobs(work, args.smoke), lock)
+    if "score" in args.stages:
+        peg.run_all(work, score_jobs(work), lock)
+    if "train" in args.stages:
+        for run in RUNS:  # one lock hold per run, so other jobs can go in between
+            peg.run_all(work, train_job(work, args.smoke, run), lock)
+    if "eval" in args.stages:
+        peg.run_all(work, eval_jobs(work, args.smoke), lock)
+    if "report" in args.stages:
+        report(work, args.smoke)
+
+
+if __name__ == "__main__":
+    main()
