@@ -49,6 +49,7 @@ import numpy as np
 import reproduce_peg as peg
 import reproduce_reranker as teacher_recipe
 import results_file
+import study_eval as study
 from results_file import header, update_section
 
 from peg_rag.core.cache import cache_dir
@@ -58,7 +59,6 @@ STAGES = ("prepare", "teacher", "mine", "score", "train", "eval", "report")
 RETRIEVAL_SETS = peg.RETRIEVAL_SETS
 QUALITY = ("kuake-qtr-dev", "cmedir-dev")  # the robustness goal: their mean nDCG@10
 DISTILL = ["--distill-weight", "1.0"]  # teacher_temperature: the trainer's default (1.0)
-BOOTSTRAP_DRAWS = 2000
 # Runs: name -> (training data folder under data/, config, extra flags). "C-best" runs take
 # the winning weighting's flags, known once both noisy C runs are trained.
 WEIGHTINGS = {"C-focal": ["--weighting", "focal"], "C-self": ["--weighting", "self_paced"]}
@@ -79,7 +79,7 @@ SMOKE_VALIDATION = {"paraphrase-medical": 10}
 SMOKE_TRAIN = ["--max-steps", "4", "--batch-size", "8", "--mini-batch-size", "4"]
 SMOKE_TRAIN += ["--max-length", "64", "--eval-steps", "2", "--save-steps", "2"]
 SMOKE_TRAIN += ["--logging-steps", "1"]
-SMOKE_PAIRS = 40
+SMOKE_EVAL = (8, 200, 40)  # queries per set, other documents, stsb-zh pairs
 
 
 def log(message: str) -> None:
@@ -279,83 +279,18 @@ def eval_jobs(work: Path, smoke: bool) -> list[peg.Job]:
 
 
 def evaluate(work: Path, smoke: bool, name: str) -> None:
-    """work/eval/NAME.json: {set: {query id: nDCG@10}} and stsb-zh's cosines and gold."""
-    from peg_rag.core.beir import load_beir, load_pairs
-    from peg_rag.core.encoder import PEGEncoder
-    from peg_rag.core.metrics import ndcg_at_k
-    from peg_rag.retrieval.evaluate import dense_run, judged_queries
-
-    encoder = PEGEncoder.from_pretrained(
+    """work/eval/NAME.json (study_eval.evaluate) of the base model or a run."""
+    study.evaluate(
         model_path(work, smoke, name),
+        {set_name: peg.EVAL / set_name for set_name in RETRIEVAL_SETS},
+        peg.EVAL / "stsb-zh" / "pairs.tsv",
+        work / "eval" / f"{folder_name(name)}.json",
         max_length=128 if smoke else peg.EVAL_LENGTH,
-        batch_size=64,
-        show_progress_bar=not smoke,
+        smoke=SMOKE_EVAL if smoke else None,
     )
-    record: dict[str, dict] = {}
-    for set_name in RETRIEVAL_SETS:
-        if smoke:
-            data = teacher_recipe.evaluation_subset(set_name, smoke=True)
-        else:
-            data = load_beir(peg.EVAL / set_name)
-            judged_queries(data)
-        run = dense_run(encoder, data)
-        record[set_name] = {q: ndcg_at_k(ranked, data.qrels[q], 10) for q, ranked in run.items()}
-        log(f"{name} {set_name}: nDCG@10 {100 * np.mean(list(record[set_name].values())):.2f}")
-    left, right, gold = load_pairs(peg.EVAL / "stsb-zh" / "pairs.tsv")
-    if smoke:
-        left, right, gold = left[:SMOKE_PAIRS], right[:SMOKE_PAIRS], gold[:SMOKE_PAIRS]
-    a, b = encoder.encode(left, "query"), encoder.encode(right, "query")
-    cosine = (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-    record["stsb-zh"] = {"cosine": cosine.tolist(), "gold": list(gold)}
-    target = work / "eval" / f"{folder_name(name)}.json"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    peg.write_jsonl(target, [record])
 
 
 # --- 7. report ------------------------------------------------------------------------
-
-
-def load_eval(work: Path, name: str) -> dict:
-    return json.loads((work / "eval" / f"{folder_name(name)}.json").read_text(encoding="utf-8"))
-
-
-def per_query(record: dict, set_name: str) -> np.ndarray:
-    return np.array([record[set_name][q] for q in sorted(record[set_name])])
-
-
-def stsb(record: dict, index: np.ndarray | None = None) -> float:
-    from peg_rag.core.metrics import spearman
-
-    cosine, gold = np.array(record["stsb-zh"]["cosine"]), np.array(record["stsb-zh"]["gold"])
-    if index is not None:
-        cosine, gold = cosine[index], gold[index]
-    return spearman(cosine, gold)
-
-
-def paired_difference(x: dict, y: dict, sets: tuple[str, ...]) -> tuple[float, float, float]:
-    """x - y in nDCG@10 x 100, averaged over ``sets`` (each set's mean over its queries),
-    with the 95% interval of a paired bootstrap that resamples each set's queries."""
-    rng = np.random.default_rng(peg.SEED)
-    diffs = [per_query(x, s) - per_query(y, s) for s in sets]
-    draws = np.zeros(BOOTSTRAP_DRAWS)
-    for d in diffs:
-        draws += d[rng.integers(0, len(d), size=(BOOTSTRAP_DRAWS, len(d)))].mean(axis=1)
-    draws *= 100 / len(diffs)
-    point = 100 * float(np.mean([d.mean() for d in diffs]))
-    low, high = np.percentile(draws, [2.5, 97.5])
-    return point, float(low), float(high)
-
-
-def stsb_difference(x: dict, y: dict) -> tuple[float, float, float]:
-    """x - y in Spearman x 100, with a paired-bootstrap 95% interval over the pairs."""
-    rng = np.random.default_rng(peg.SEED)
-    n = len(x["stsb-zh"]["gold"])
-    draws = [
-        100 * (stsb(x, index) - stsb(y, index))
-        for index in rng.integers(0, n, size=(BOOTSTRAP_DRAWS // 4, n))
-    ]
-    low, high = np.percentile(draws, [2.5, 97.5])
-    return 100 * (stsb(x) - stsb(y)), float(low), float(high)
 
 
 def auc(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -402,20 +337,15 @@ def timings(work: Path) -> dict[str, float]:
     return found
 
 
-def interval(diff: tuple[float, float, float]) -> str:
-    return f"{diff[0]:+.2f} [{diff[1]:+.2f}, {diff[2]:+.2f}]"
-
-
 def report(work: Path, smoke: bool) -> None:
-    evals = {name: load_eval(work, name) for name in ["base", *RUNS]}
+    evals = {
+        name: study.load(work / "eval" / f"{folder_name(name)}.json") for name in ["base", *RUNS]
+    }
     walls = timings(work)
     best = best_weighting(work)
 
-    def ndcg(name: str, set_name: str) -> float:
-        return 100 * float(per_query(evals[name], set_name).mean())
-
     def mean2(name: str) -> float:
-        return sum(ndcg(name, s) for s in QUALITY) / len(QUALITY)
+        return sum(study.ndcg(evals[name], s) for s in QUALITY) / len(QUALITY)
 
     table = [
         "| run | " + " | ".join(RETRIEVAL_SETS) + " | mean kuake+cmedir | stsb-zh Spearman "
@@ -426,8 +356,8 @@ def report(work: Path, smoke: bool) -> None:
         wall = walls.get(f"train/{name}")
         table.append(
             f"| {name} | "
-            + " | ".join(f"{ndcg(name, s):.2f}" for s in RETRIEVAL_SETS)
-            + f" | {mean2(name):.2f} | {100 * stsb(evals[name]):.2f} | "
+            + " | ".join(f"{study.ndcg(evals[name], s):.2f}" for s in RETRIEVAL_SETS)
+            + f" | {mean2(name):.2f} | {study.spearman(evals[name]):.2f} | "
             + (f"{wall / 60:.1f} min" if wall else "-")
             + " |"
         )
@@ -446,9 +376,9 @@ def report(work: Path, smoke: bool) -> None:
         "| --- | ---: | " + " | ".join("---:" for _ in RETRIEVAL_SETS) + " | ---: |",
     ]
     for x, y in comparisons:
-        cells = [interval(paired_difference(evals[x], evals[y], QUALITY))]
-        cells += [interval(paired_difference(evals[x], evals[y], (s,))) for s in RETRIEVAL_SETS]
-        cells.append(interval(stsb_difference(evals[x], evals[y])))
+        cells = [study.paired_difference(evals[x], evals[y], QUALITY)]
+        cells += [study.difference(evals[x], evals[y], s) for s in (*RETRIEVAL_SETS, study.STSB)]
+        cells = [study.interval(c) for c in cells]
         diffs.append(f"| {x} - {y} | " + " | ".join(cells) + " |")
     aucs = {run: noise_auc(work, run) for run in RUNS if run.startswith("noisy")}
     auc_rows = ["| noisy run | AUC of its weights | AUC of p_positive | lines |"]
@@ -459,17 +389,20 @@ def report(work: Path, smoke: bool) -> None:
 
     noisy_runs = [run for run in RUNS if run.startswith("noisy") and run != "noisy A"]
     winner = max(noisy_runs, key=mean2)
-    robust = paired_difference(evals[winner], evals["noisy A"], QUALITY)
+    robust = study.paired_difference(evals[winner], evals["noisy A"], QUALITY)
     clean_best = max((run for run in RUNS if run.startswith("clean")), key=mean2)
-    kept = (mean2(winner) - mean2("base")) / (mean2(clean_best) - mean2("base"))
-    distill = paired_difference(
+    clean_gain = mean2(clean_best) - mean2("base")
+    kept = (mean2(winner) - mean2("base")) / clean_gain if clean_gain > 0 else 0.0
+    distill = study.paired_difference(
         evals["clean C-best + distill"], evals[f"clean {best}"], QUALITY[:1]
     )
     others = [
-        paired_difference(evals["clean C-best + distill"], evals[f"clean {best}"], (s,))[0]
+        study.paired_difference(evals["clean C-best + distill"], evals[f"clean {best}"], (s,))[0]
         for s in RETRIEVAL_SETS[1:]
     ]
-    others.append(stsb_difference(evals["clean C-best + distill"], evals[f"clean {best}"])[0])
+    others.append(
+        study.spearman_difference(evals["clean C-best + distill"], evals[f"clean {best}"])[0]
+    )
     best_auc = max(
         ((run, found["weight"]) for run, found in aucs.items() if run != "noisy A"),
         key=lambda item: item[1],
@@ -479,11 +412,11 @@ def report(work: Path, smoke: bool) -> None:
         f"- Noise detection: best AUC of a weighting {best_auc[1]:.3f} ({best_auc[0]}); focal "
         f"{focal_auc:.3f}; goal >= 0.8: " + ("**met**" if best_auc[1] >= 0.8 else "**missed**"),
         f"- Robustness: best noisy run ({winner}) - noisy A on mean kuake+cmedir: "
-        f"{interval(robust)}; goal: the interval above 0: "
+        f"{study.interval(robust)}; goal: the interval above 0: "
         + ("**met**" if robust[1] > 0 else "**missed**")
         + f". It keeps {100 * kept:.0f}% of the best clean run's ({clean_best}) gain over the "
         "base model.",
-        f"- Distillation on clean data: kuake-qtr-dev {interval(distill)} (goal >= +1.0), "
+        f"- Distillation on clean data: kuake-qtr-dev {study.interval(distill)} (goal >= +1.0), "
         f"largest loss elsewhere {min(others):+.2f} (goal >= -0.5): "
         + ("**met**" if distill[0] >= 1.0 and min(others) >= -0.5 else "**missed**"),
     ]
@@ -505,8 +438,8 @@ def report(work: Path, smoke: bool) -> None:
             f"- C-best: {best} ({' '.join(WEIGHTINGS[best])}), the better noisy C run on the "
             "held-out validation queries. Distillation: "
             f"`{' '.join(DISTILL)}` with the teacher's raw logits (teacher_temperature 1.0).",
-            f"- Intervals: paired bootstrap, {BOOTSTRAP_DRAWS} draws of the queries "
-            f"({BOOTSTRAP_DRAWS // 4} of the stsb-zh pairs), 95%.",
+            f"- Intervals: paired bootstrap, {study.BOOTSTRAP_DRAWS} draws of the queries "
+            f"({study.BOOTSTRAP_DRAWS // 4} of the stsb-zh pairs), 95%.",
             "",
             "nDCG@10 x 100 (dense, max length 512), Spearman x 100:",
             "",

@@ -45,6 +45,7 @@ from pathlib import Path
 import results_file
 from reproduce_peg import BASE, EVAL, PEG_RAG, SEED, Job, merged_lines, run_all, write_jsonl
 from results_file import header, update_section
+from study_eval import retrieval_set
 
 from peg_rag.core.cache import cache_dir
 
@@ -216,23 +217,9 @@ def eval_jobs(work: Path, smoke: bool, encoder: str | None) -> list[Job]:
 def evaluation_subset(name: str, smoke: bool):
     """The set as evaluated: all judged queries, cmrc2018-dev's seeded sample of 500; with
     --smoke a few queries over their relevant documents and a few hundred others."""
-    from peg_rag.core.beir import RetrievalSet, load_beir
-    from peg_rag.retrieval.evaluate import judged_queries
-
-    data = load_beir(EVAL / name)
-    queries = judged_queries(data)
-    keep = sorted(queries)
     if smoke:
-        keep = random.Random(SEED).sample(keep, SMOKE_QUERIES)
-    elif name == "cmrc2018-dev":
-        keep = random.Random(SEED).sample(keep, CMRC_SAMPLE)
-    qrels = {q: data.qrels[q] for q in keep}
-    corpus = data.corpus
-    if smoke:
-        relevant = {d for rel in qrels.values() for d in rel}
-        others = random.Random(SEED).sample(sorted(set(corpus) - relevant), SMOKE_DOCS)
-        corpus = {d: corpus[d] for d in sorted(relevant | set(others))}
-    return RetrievalSet(name, corpus, {q: queries[q] for q in keep}, qrels)
+        return retrieval_set(EVAL / name, SMOKE_QUERIES, SMOKE_DOCS)
+    return retrieval_set(EVAL / name, CMRC_SAMPLE if name == "cmrc2018-dev" else None)
 
 
 def evaluate_set(work: Path, name: str, smoke: bool, encoder_path: str | None) -> None:

@@ -1,0 +1,356 @@
+"""Fine-tuning without forgetting (issue 15): the in-domain gain of run C against what it
+loses on sources it never trained on, with anchoring during training and with merging into
+the base model afterwards. One command, resumable, sized for 2 cores.
+
+    python benchmarks/forgetting_study.py [--work DIR] [--lock FILE] [--stages ...]
+    python benchmarks/forgetting_study.py --smoke     # the whole pipeline, tiny, a few minutes
+
+``--work`` defaults to ``bench/forgetting`` in peg-rag's cache directory; ``--lock`` as in
+reproduce_peg.py. Stages, each skipped where its output exists (a killed training run resumes
+from its last checkpoint); about 5 hours on 2 cores (4 runs of ~40 minutes, 10 models to
+evaluate):
+
+1. ``prepare``: reproduce_peg.py's subsample and validation sets without the LEFT_OUT
+   sources, and one held-out retrieval set per left-out source, in BEIR layout:
+   - ``heldout-drcd``: HELD_QUERIES questions against every distinct passage of drcd
+     (Traditional Chinese Wikipedia);
+   - ``heldout-paraphrase-finance``: a query against all distinct texts of the source (the
+     sampled queries' own texts left out), its paraphrases relevant.
+2. ``mine``: reproduce_peg.py's mining of the remaining sources.
+3. ``train``: RUNS: C (trainer/configs/ablation-c.yaml) as it is, with the embedding anchor at
+   two weights, and with general-domain mixing (cmrc2018-trial, the general source left in
+   training).
+4. ``merge``: ``peg-rag merge BASE C`` with C's weight at 0.3, 0.5 and 0.7, and ``auto`` on
+   the held-out training queries (MERGE_QUERIES per source, every training source).
+5. ``eval``: per query nDCG@10 (dense, max length 512) on kuake-qtr-dev, cmedir-dev,
+   cmrc2018-dev and the held-out-source sets, and stsb-zh's Spearman, for the base model and
+   every model (study_eval.py).
+6. ``report``: the table, paired-bootstrap 95% intervals against the base model, the goals
+   and the recipe that meets them, ``benchmarks/forgetting_study.png`` and the "Forgetting
+   (issue 15)" section of RESULTS.md (with ``--smoke``: both in the work folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import reproduce_peg as peg
+import results_file
+import study_eval as study
+from results_file import header, update_section
+from train_common import small_bert
+
+from peg_rag.core.cache import cache_dir
+
+STAGES = ("prepare", "mine", "train", "merge", "eval", "report")
+LEFT_OUT = ("drcd", "paraphrase-finance")
+HELD_QUERIES = 500
+IN_DOMAIN = ("kuake-qtr-dev", "cmedir-dev")  # the goal's in-domain gain: their mean
+GENERAL = "cmrc2018-trial"
+# reproduce_peg.PLAN without LEFT_OUT; cmrc2018-trial gives 50 of its 1,000 lines to validation.
+PLAN = {s: v for s, v in peg.PLAN.items() if s not in LEFT_OUT} | {GENERAL: (950, 0.4)}
+VALIDATION = peg.VALIDATION | {GENERAL: 50}
+RUNS = {
+    "C": [],
+    "C + anchor 1": ["--anchor-weight", "1"],
+    "C + anchor 10": ["--anchor-weight", "10"],
+    "C + mix 0.25": ["--mix-general", "0.25", "--general-sources", GENERAL],
+}
+MERGES = ("0.3", "0.5", "0.7", "auto")  # C's weight; the base model gets the rest
+MERGE_QUERIES = 50
+# --smoke: small sources, a 1-layer model, 4 steps, evaluation on a few queries.
+SMOKE_PLAN = {"kuake-qtr": (40, 1.0), "paraphrase-medical": (40, 1.0), GENERAL: (20, 1.0)}
+SMOKE_VALIDATION = {"paraphrase-medical": 10, GENERAL: 5}
+SMOKE_HELD = 10
+SMOKE_TRAIN = ["--max-steps", "4", "--batch-size", "8", "--mini-batch-size", "4"]
+SMOKE_TRAIN += ["--max-length", "64", "--eval-steps", "2", "--save-steps", "2"]
+SMOKE_TRAIN += ["--logging-steps", "1"]
+SMOKE_EVAL = (8, 200, 40)  # queries per set, other documents, stsb-zh pairs
+
+
+def log(message: str) -> None:
+    peg.log(f"forgetting_study: {message}")
+
+
+def folder_name(name: str) -> str:
+    return name.replace(" + ", "-").replace(" ", "-")
+
+
+def base_model(work: Path, smoke: bool) -> Path:
+    return (
+        small_bert(work / "tiny-model", layers=1, hidden=64, max_length=128) if smoke else peg.BASE
+    )
+
+
+def plan(smoke: bool) -> tuple[dict[str, tuple[int, float]], dict[str, int]]:
+    return (SMOKE_PLAN, SMOKE_VALIDATION) if smoke else (PLAN, VALIDATION)
+
+
+def heldout_sets(work: Path) -> dict[str, Path]:
+    return {f"heldout-{s}": work / "data" / f"heldout-{s}" for s in LEFT_OUT}
+
+
+# --- 1. prepare -----------------------------------------------------------------------
+
+
+def heldout_set(work: Path, source: str, count: int) -> None:
+    """``count`` seeded queries of a left-out source against its distinct texts: drcd's
+    passages, or every text of paraphrase-finance but the sampled queries' own."""
+    lines = peg.merged_lines(source)
+    held = random.Random(f"{peg.SEED}-heldout-{source}").sample(lines, count)
+    texts = [p for line in lines for p in line["pos"]]
+    if source != "drcd":  # paraphrases: any text of the source may be a query's match
+        asked = {peg.squeeze(line["query"]) for line in held}
+        texts += [line["query"] for line in lines]
+        texts = [t for t in texts if peg.squeeze(t) not in asked]
+    corpus = {f"d{i}": text for i, text in enumerate(dict.fromkeys(texts))}
+    kept = peg.write_validation(work / "data" / f"heldout-{source}", held, corpus)
+    log(f"heldout-{source}: {kept} queries, {len(corpus)} documents")
+
+
+def prepare(work: Path, smoke: bool) -> None:
+    if (work / "data" / "prepared.json").exists():
+        return
+    for source in LEFT_OUT:
+        heldout_set(work, source, SMOKE_HELD if smoke else HELD_QUERIES)
+    peg.prepare(work, *plan(smoke))  # writes prepared.json last
+
+
+# --- 2. mine and 3. train -------------------------------------------------------------
+
+
+def mine_jobs(work: Path, smoke: bool) -> list[peg.Job]:
+    data, jobs = work / "data", []
+    for source in plan(smoke)[0]:
+        target = data / "mined" / f"{source}.jsonl"
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            lines, pool = data / "train" / f"{source}.jsonl", data / "pool" / f"{source}.jsonl"
+            command = peg.mine_command(lines, target, pool, base_model(work, smoke))
+            jobs.append((f"mine/{source}", command))
+    return jobs
+
+
+def train_job(work: Path, smoke: bool, run: str) -> list[peg.Job]:
+    output = work / "runs" / folder_name(run)
+    if (output / "model").is_dir():
+        return []
+    train_plan, validation = plan(smoke)
+    command = peg.train_command(
+        peg.config_path("c"), work / "data" / "mined", output, train_plan, base_model(work, smoke)
+    )
+    command += ["--eval-dirs", *peg.validation_sets(work, validation), *RUNS[run]]
+    return [(f"train/{run}", command + (SMOKE_TRAIN if smoke else []))]
+
+
+# --- 4. merge -------------------------------------------------------------------------
+
+
+def merge_jobs(work: Path, smoke: bool) -> list[peg.Job]:
+    jobs = []
+    tuned = work / "runs" / "C" / "model"
+    for weight in MERGES:
+        output = model_path(work, smoke, f"merge {weight}")
+        if output.is_dir():
+            continue
+        weights = ["auto"] if weight == "auto" else [f"{1 - float(weight):g}", weight]
+        command = [peg.PEG_RAG, "merge", str(base_model(work, smoke)), str(tuned)]
+        command += ["--weights", *weights, "--output", str(output)]
+        if weight == "auto":
+            folders = [f for f in peg.validation_sets(work, plan(smoke)[1]) if "val-" in f]
+            command += ["--validation", *folders, "--max-queries", str(MERGE_QUERIES)]
+            command += ["--max-length", str(peg.MAX_LENGTH)]
+        jobs.append((f"merge/{weight}", command))
+    return jobs
+
+
+# --- 5. eval --------------------------------------------------------------------------
+
+
+def model_names() -> list[str]:
+    return ["base", *RUNS, *(f"merge {w}" for w in MERGES)]
+
+
+def model_path(work: Path, smoke: bool, name: str) -> Path:
+    if name == "base":
+        return base_model(work, smoke)
+    if name.startswith("merge"):
+        return work / "merged" / folder_name(name)
+    return work / "runs" / folder_name(name) / "model"
+
+
+def eval_sets(work: Path) -> dict[str, Path]:
+    return {name: peg.EVAL / name for name in peg.RETRIEVAL_SETS} | heldout_sets(work)
+
+
+def eval_jobs(work: Path, smoke: bool) -> list[peg.Job]:
+    jobs = []
+    for name in model_names():
+        if (work / "eval" / f"{folder_name(name)}.json").exists():
+            continue
+        command = [sys.executable, str(Path(__file__).resolve()), "--work", str(work)]
+        command += ["--evaluate", name, *(["--smoke"] if smoke else [])]
+        jobs.append((f"eval/{name}", command))
+    return jobs
+
+
+def evaluate(work: Path, smoke: bool, name: str) -> None:
+    study.evaluate(
+        model_path(work, smoke, name),
+        eval_sets(work),
+        peg.EVAL / "stsb-zh" / "pairs.tsv",
+        work / "eval" / f"{folder_name(name)}.json",
+        max_length=128 if smoke else peg.EVAL_LENGTH,
+        smoke=SMOKE_EVAL if smoke else None,
+    )
+
+
+# --- 6. report ------------------------------------------------------------------------
+
+
+def report(work: Path, smoke: bool) -> None:
+    evals = {n: study.load(work / "eval" / f"{folder_name(n)}.json") for n in model_names()}
+    sets = [*eval_sets(work), study.STSB]
+    base = evals["base"]
+
+    def gain(name: str) -> float:
+        """Mean in-domain nDCG@10 over the base model's."""
+        return sum(study.ndcg(evals[name], s) - study.ndcg(base, s) for s in IN_DOMAIN) / 2
+
+    def kept(name: str) -> float:
+        """The share of C's in-domain gain kept (0 when C gained nothing)."""
+        return gain(name) / gain("C") if gain("C") > 0 else 0.0
+
+    def worst(name: str) -> tuple[float, str]:
+        """The largest drop below the base model on a held-out-source set."""
+        drops = {s: study.ndcg(evals[name], s) - study.ndcg(base, s) for s in heldout_sets(work)}
+        found = min(drops, key=drops.__getitem__)
+        return drops[found], found
+
+    table = ["| model | " + " | ".join(sets) + " | in-domain gain | kept of C's |"]
+    table.append("| --- | " + " | ".join("---:" for _ in sets) + " | ---: | ---: |")
+    for name, record in evals.items():
+        cells = [f"{study.headline(record, s):.2f}" for s in sets]
+        if name != "base":
+            cells = [
+                f"{c} ({study.headline(record, s) - study.headline(base, s):+.2f})"
+                for c, s in zip(cells, sets, strict=True)
+            ]
+        share = f"{100 * kept(name):.0f}%" if name != "base" else "-"
+        table.append(f"| {name} | " + " | ".join(cells) + f" | {gain(name):+.2f} | {share} |")
+    intervals = ["| model - base | " + " | ".join(sets) + " |"]
+    intervals.append("| --- | " + " | ".join("---:" for _ in sets) + " |")
+    for name in model_names()[1:]:
+        cells = [study.interval(study.difference(evals[name], base, s)) for s in sets]
+        intervals.append(f"| {name} | " + " | ".join(cells) + " |")
+    meets = [n for n in model_names()[1:] if kept(n) >= 0.8 and worst(n)[0] >= -0.5]
+    recommended = max(meets, key=gain) if meets else None
+    goals = [
+        f"- {name}: keeps {100 * kept(name):.0f}% of C's in-domain gain (goal >= "
+        f"80%), largest held-out-source drop {worst(name)[0]:+.2f} on {worst(name)[1]} (goal "
+        ">= -0.50): " + ("**meets both**" if name in meets else "**misses**")
+        for name in model_names()[1:]
+    ]
+    plot_file = (
+        work / "forgetting_study.png" if smoke else Path(__file__).with_name("forgetting_study.png")
+    )
+    plot(list(evals)[1:], gain, lambda n: worst(n)[0], plot_file)
+    body = "\n".join(
+        [
+            header("Forgetting (issue 15): in-domain gain against held-out sources"),
+            f"- Recipe: `python benchmarks/forgetting_study.py` (scratch files in `{work}`): "
+            f"the PEG ablation's data and run C (ablation-c.yaml) without the sources "
+            f"{', '.join(LEFT_OUT)}, which become held-out retrieval sets "
+            f"({HELD_QUERIES} queries each); {GENERAL} is the general source left in training.",
+            "- Anchoring: " + "; ".join(f"{n}: `{' '.join(f)}`" for n, f in RUNS.items() if f),
+            f"- Merges: `peg-rag merge BASE C --weights {{1 - w}} {{w}}` for w in "
+            f"{', '.join(MERGES[:-1])}, and `--weights auto` on the held-out training queries "
+            f"({MERGE_QUERIES} per source).",
+            f"- Intervals: paired bootstrap, {study.BOOTSTRAP_DRAWS} draws of the queries, 95%.",
+            "",
+            "nDCG@10 x 100 (dense, max length 512; change vs base), stsb-zh Spearman x 100:",
+            "",
+            *table,
+            "",
+            "Differences from the base model, with 95% intervals:",
+            "",
+            *intervals,
+            "",
+            "Goals:",
+            "",
+            *goals,
+            "",
+            f"Recommended: **{recommended}**"
+            if recommended
+            else "Recommended: **none meets both goals**",
+            "",
+            "![forgetting study](forgetting_study.png)",
+        ]
+    )
+    if smoke:
+        results_file.RESULTS = work / "RESULTS.md"
+    update_section("forgetting_study", body)
+
+
+def plot(
+    names: list[str], gain: Callable[[str], float], drop: Callable[[str], float], target: Path
+) -> None:
+    """Each model's in-domain gain against its largest held-out-source drop."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axis = plt.subplots(figsize=(7, 5))
+    for name in names:
+        axis.scatter(drop(name), gain(name))
+        axis.annotate(name, (drop(name), gain(name)), fontsize=8)
+    axis.axvline(-0.5, color="grey", linestyle="--", linewidth=0.8)
+    axis.axhline(0.8 * gain("C"), color="grey", linestyle="--", linewidth=0.8)
+    axis.set_xlabel("largest held-out-source change vs base (nDCG@10 x 100)")
+    axis.set_ylabel("in-domain gain vs base (mean kuake-qtr-dev, cmedir-dev)")
+    axis.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(target, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", type=Path, help="scratch folder (default: bench/forgetting)")
+    parser.add_argument(
+        "--lock",
+        default=str(Path(tempfile.gettempdir()) / "peg-rag-cpu.lock"),
+        help="flock file held by the heavy steps ('' for none; default: %(default)s)",
+    )
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
+    parser.add_argument("--smoke", action="store_true", help="tiny end-to-end run")
+    parser.add_argument("--evaluate", help="internal: evaluate one model")
+    args = parser.parse_args()
+    work = args.work or cache_dir() / "bench" / ("forgetting-smoke" if args.smoke else "forgetting")
+    lock = args.lock or None
+    if args.evaluate:
+        evaluate(work, args.smoke, args.evaluate)
+        return
+    if "prepare" in args.stages:
+        prepare(work, args.smoke)
+    if "mine" in args.stages:
+        peg.run_all(work, mine_jobs(work, args.smoke), lock)
+    if "train" in args.stages:
+        for run in RUNS:  # one lock hold per run, so other jobs can go in between
+            peg.run_all(work, train_job(work, args.smoke, run), lock)
+    if "merge" in args.stages:
+        peg.run_all(work, merge_jobs(work, args.smoke), lock)
+    if "eval" in args.stages:
+        peg.run_all(work, eval_jobs(work, args.smoke), lock)
+    if "report" in args.stages:
+        report(work, args.smoke)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""Per-query evaluation and paired-bootstrap intervals, shared by the training studies
+(noise_study.py, forgetting_study.py).
+
+A model's evaluation is one JSON file: ``{set: {query id: nDCG@10}}`` for each BEIR folder
+(dense exact search) and ``{"cosine": [...], "gold": [...]}`` for the stsb-zh pairs, so that
+any two models can be compared query by query afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+
+SEED = 42
+BOOTSTRAP_DRAWS = 2000
+STSB = "stsb-zh"
+
+
+def retrieval_set(folder: Path, queries: int | None = None, docs: int | None = None):
+    """A BEIR folder's judged queries, or a seeded sample of ``queries`` of them; with
+    ``docs``, the corpus cut to their relevant documents and ``docs`` others."""
+    from peg_rag.core.beir import RetrievalSet, load_beir
+    from peg_rag.retrieval.evaluate import judged_queries
+
+    data = load_beir(folder)
+    judged = judged_queries(data)
+    keep = sorted(judged)
+    if queries is not None:
+        keep = random.Random(SEED).sample(keep, min(queries, len(keep)))
+    qrels = {q: data.qrels[q] for q in keep}
+    corpus = data.corpus
+    if docs is not None:
+        relevant = {d for rel in qrels.values() for d in rel}
+        others = random.Random(SEED).sample(sorted(set(corpus) - relevant), docs)
+        corpus = {d: corpus[d] for d in sorted(relevant | set(others))}
+    return RetrievalSet(data.name, corpus, {q: judged[q] for q in keep}, qrels)
+
+
+def evaluate(
+    model: Path,
+    folders: dict[str, Path],
+    pairs: Path,
+    target: Path,
+    *,
+    max_length: int,
+    smoke: tuple[int, int, int] | None = None,
+) -> None:
+    """Write ``target``: per query nDCG@10 of ``model`` on each BEIR folder and its cosine of
+    each stsb-zh pair in ``pairs``. ``smoke``: (queries, other documents, pairs) kept."""
+    from peg_rag.core.beir import load_pairs
+    from peg_rag.core.encoder import PEGEncoder
+    from peg_rag.core.files import write_json
+    from peg_rag.core.metrics import ndcg_at_k
+    from peg_rag.retrieval.evaluate import dense_run
+
+    encoder = PEGEncoder.from_pretrained(
+        model, max_length=max_length, batch_size=64, show_progress_bar=smoke is None
+    )
+    record: dict[str, dict] = {}
+    for name, folder in folders.items():
+        data = retrieval_set(folder, *(smoke[:2] if smoke else (None, None)))
+        run = dense_run(encoder, data)
+        record[name] = {q: ndcg_at_k(ranked, data.qrels[q], 10) for q, ranked in run.items()}
+        print(f"{model.name} {name}: nDCG@10 {100 * np.mean(list(record[name].values())):.2f}")
+    left, right, gold = load_pairs(pairs)
+    if smoke:
+        left, right, gold = left[: smoke[2]], right[: smoke[2]], gold[: smoke[2]]
+    a, b = encoder.encode(left, "query"), encoder.encode(right, "query")
+    cosine = (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    record[STSB] = {"cosine": cosine.tolist(), "gold": list(gold)}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_json(target, record)
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def ndcg(record: dict, name: str) -> float:
+    """The set's nDCG@10 x 100."""
+    return 100 * float(per_query(record, name).mean())
+
+
+def per_query(record: dict, name: str) -> np.ndarray:
+    return np.array([record[name][q] for q in sorted(record[name])])
+
+
+def spearman(record: dict, index: np.ndarray | None = None) -> float:
+    """stsb-zh Spearman x 100 (over the pairs at ``index``, when given)."""
+    from peg_rag.core.metrics import spearman as correlation
+
+    cosine, gold = np.array(record[STSB]["cosine"]), np.array(record[STSB]["gold"])
+    if index is not None:
+        cosine, gold = cosine[index], gold[index]
+    return 100 * correlation(cosine, gold)
+
+
+Interval = tuple[float, float, float]  # (difference, low, high)
+
+
+def paired_difference(x: dict, y: dict, sets: tuple[str, ...]) -> Interval:
+    """x - y in nDCG@10 x 100, averaged over ``sets`` (each set's mean over its queries),
+    with the 95% interval of a paired bootstrap that resamples each set's queries."""
+    rng = np.random.default_rng(SEED)
+    diffs = [per_query(x, s) - per_query(y, s) for s in sets]
+    draws = np.zeros(BOOTSTRAP_DRAWS)
+    for d in diffs:
+        draws += d[rng.integers(0, len(d), size=(BOOTSTRAP_DRAWS, len(d)))].mean(axis=1)
+    draws *= 100 / len(diffs)
+    low, high = np.percentile(draws, [2.5, 97.5])
+    return 100 * float(np.mean([d.mean() for d in diffs])), float(low), float(high)
+
+
+def spearman_difference(x: dict, y: dict) -> Interval:
+    """x - y in stsb-zh Spearman x 100, with a paired-bootstrap 95% interval over the pairs
+    (a quarter of BOOTSTRAP_DRAWS: each draw ranks all pairs twice)."""
+    rng = np.random.default_rng(SEED)
+    n = len(x[STSB]["gold"])
+    draws = [
+        spearman(x, index) - spearman(y, index)
+        for index in rng.integers(0, n, size=(BOOTSTRAP_DRAWS // 4, n))
+    ]
+    low, high = np.percentile(draws, [2.5, 97.5])
+    return spearman(x) - spearman(y), float(low), float(high)
+
+
+def difference(x: dict, y: dict, name: str) -> Interval:
+    """x - y on one set: Spearman for stsb-zh, nDCG@10 otherwise."""
+    return spearman_difference(x, y) if name == STSB else paired_difference(x, y, (name,))
+
+
+def headline(record: dict, name: str) -> float:
+    """The set's main metric x 100: Spearman for stsb-zh, nDCG@10 otherwise."""
+    return spearman(record) if name == STSB else ndcg(record, name)
+
+
+def interval(found: Interval) -> str:
+    return f"{found[0]:+.2f} [{found[1]:+.2f}, {found[2]:+.2f}]"
