@@ -179,7 +179,7 @@ def validation_corpus(source: str, held: list[dict], others: list[dict]) -> dict
             return {(r := json.loads(line))["_id"]: r["text"] for line in handle}
     docs = list(dict.fromkeys(p for line in held for p in line["pos"]))
     rest = [p for p in dict.fromkeys(p for line in others for p in line["pos"]) if p not in docs]
-    rest = random.Random(SEED).sample(rest, max(VALIDATION_DOCS - len(docs), 0))
+    rest = random.Random(SEED).sample(rest, min(max(VALIDATION_DOCS - len(docs), 0), len(rest)))
     return {f"d{i}": text for i, text in enumerate(docs + rest)}
 
 
