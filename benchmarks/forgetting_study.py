@@ -32,10 +32,8 @@ evaluate):
 
 from __future__ import annotations
 
-import argparse
 import random
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -44,8 +42,6 @@ import results_file
 import study_eval as study
 from results_file import header, update_section
 from train_common import small_bert
-
-from peg_rag.core.cache import cache_dir
 
 STAGES = ("prepare", "mine", "train", "merge", "eval", "report")
 LEFT_OUT = ("drcd", "paraphrase-finance")
@@ -321,19 +317,8 @@ def plot(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work", type=Path, help="scratch folder (default: bench/forgetting)")
-    parser.add_argument(
-        "--lock",
-        default=str(Path(tempfile.gettempdir()) / "peg-rag-cpu.lock"),
-        help="flock file held by the heavy steps ('' for none; default: %(default)s)",
-    )
-    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
-    parser.add_argument("--smoke", action="store_true", help="tiny end-to-end run")
-    parser.add_argument("--evaluate", help="internal: evaluate one model")
-    args = parser.parse_args()
-    work = args.work or cache_dir() / "bench" / ("forgetting-smoke" if args.smoke else "forgetting")
-    lock = args.lock or None
+    args, work = study.study_arguments(__doc__, STAGES, "forgetting")
+    lock = args.lock
     if args.evaluate:
         evaluate(work, args.smoke, args.evaluate)
         return

@@ -36,11 +36,9 @@ from its last checkpoint); about 11 hours in all on 2 cores (9 embedder runs of 
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
-import tempfile
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -51,8 +49,6 @@ import reproduce_reranker as teacher_recipe
 import results_file
 import study_eval as study
 from results_file import header, update_section
-
-from peg_rag.core.cache import cache_dir
 
 NOISE = 0.4
 STAGES = ("prepare", "teacher", "mine", "score", "train", "eval", "report")
@@ -496,21 +492,8 @@ def plot(evals: dict, aucs: dict, mean2: Callable[[str], float], target: Path) -
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--work", type=Path, help="scratch folder (default: bench/noise in the cache)"
-    )
-    parser.add_argument(
-        "--lock",
-        default=str(Path(tempfile.gettempdir()) / "peg-rag-cpu.lock"),
-        help="flock file held by the heavy steps ('' for none; default: %(default)s)",
-    )
-    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
-    parser.add_argument("--smoke", action="store_true", help="tiny end-to-end run")
-    parser.add_argument("--evaluate", help="internal: evaluate one model (base or a run)")
-    args = parser.parse_args()
-    work = args.work or cache_dir() / "bench" / ("noise-smoke" if args.smoke else "noise")
-    lock = args.lock or None
+    args, work = study.study_arguments(__doc__, STAGES, "noise")
+    lock = args.lock
     if args.evaluate:
         evaluate(work, args.smoke, args.evaluate)
         return

@@ -8,8 +8,10 @@ any two models can be compared query by query afterwards.
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -139,3 +141,26 @@ def headline(record: dict, name: str) -> float:
 
 def interval(found: Interval) -> str:
     return f"{found[0]:+.2f} [{found[1]:+.2f}, {found[2]:+.2f}]"
+
+
+def study_arguments(
+    doc: str, stages: tuple[str, ...], name: str
+) -> tuple[argparse.Namespace, Path]:
+    """A study script's command line: --work (default: bench/NAME, or NAME-smoke, in
+    peg-rag's cache), --lock, --stages, --smoke and the internal --evaluate MODEL."""
+    from peg_rag.core.cache import cache_dir
+
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--work", type=Path, help=f"scratch folder (default: bench/{name})")
+    parser.add_argument(
+        "--lock",
+        default=str(Path(tempfile.gettempdir()) / "peg-rag-cpu.lock"),
+        help="flock file held by the heavy steps ('' for none; default: %(default)s)",
+    )
+    parser.add_argument("--stages", nargs="+", choices=stages, default=list(stages))
+    parser.add_argument("--smoke", action="store_true", help="tiny end-to-end run")
+    parser.add_argument("--evaluate", help="internal: evaluate one model (base or a run)")
+    args = parser.parse_args()
+    args.lock = args.lock or None
+    work = args.work or cache_dir() / "bench" / (f"{name}-smoke" if args.smoke else name)
+    return args, work
