@@ -13,7 +13,6 @@ from trainer_utils import make_records, write_lines
 from peg_rag.cli import build_parser
 from peg_rag.trainer import ConfigError, TrainConfig, config_from_args, make_config
 from peg_rag.trainer.config import FIELDS, add_arguments
-from peg_rag.trainer.train import DATA_ORDER_KEYS
 
 PEG_YAML = Path(__file__).resolve().parents[1] / "trainer" / "configs" / "peg.yaml"
 
@@ -168,7 +167,7 @@ def test_mix_general_flags(tmp_path, train_file):
         + ["--mix-general", "0.25", "--general-sources", "cmrc2018-trial", "drcd"]
     )
     assert (config.mix_general, config.general_sources) == (0.25, ["cmrc2018-trial", "drcd"])
-    assert {"general_sources", "mix_general"} <= set(DATA_ORDER_KEYS)
+    assert {"general_sources", "mix_general"} <= set(TrainConfig.DATA_ORDER_KEYS)
 
 
 def test_shipped_peg_config_is_valid_and_has_the_paper_setting(tmp_path, train_file):
