@@ -41,7 +41,6 @@ import reproduce_peg as peg
 import results_file
 import study_eval as study
 from results_file import header, update_section
-from train_common import small_bert
 
 STAGES = ("prepare", "mine", "train", "merge", "eval", "report")
 LEFT_OUT = ("drcd", "paraphrase-finance")
@@ -63,24 +62,10 @@ MERGE_QUERIES = 50
 SMOKE_PLAN = {"kuake-qtr": (40, 1.0), "paraphrase-medical": (40, 1.0), GENERAL: (20, 1.0)}
 SMOKE_VALIDATION = {"paraphrase-medical": 10, GENERAL: 5}
 SMOKE_HELD = 10
-SMOKE_TRAIN = ["--max-steps", "4", "--batch-size", "8", "--mini-batch-size", "4"]
-SMOKE_TRAIN += ["--max-length", "64", "--eval-steps", "2", "--save-steps", "2"]
-SMOKE_TRAIN += ["--logging-steps", "1"]
-SMOKE_EVAL = (8, 200, 40)  # queries per set, other documents, stsb-zh pairs
 
 
 def log(message: str) -> None:
     peg.log(f"forgetting_study: {message}")
-
-
-def folder_name(name: str) -> str:
-    return name.replace(" + ", "-").replace(" ", "-")
-
-
-def base_model(work: Path, smoke: bool) -> Path:
-    return (
-        small_bert(work / "tiny-model", layers=1, hidden=64, max_length=128) if smoke else peg.BASE
-    )
 
 
 def plan(smoke: bool) -> tuple[dict[str, tuple[int, float]], dict[str, int]]:
@@ -127,21 +112,25 @@ def mine_jobs(work: Path, smoke: bool) -> list[peg.Job]:
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             lines, pool = data / "train" / f"{source}.jsonl", data / "pool" / f"{source}.jsonl"
-            command = peg.mine_command(lines, target, pool, base_model(work, smoke))
+            command = peg.mine_command(lines, target, pool, study.base_model(work, smoke))
             jobs.append((f"mine/{source}", command))
     return jobs
 
 
 def train_job(work: Path, smoke: bool, run: str) -> list[peg.Job]:
-    output = work / "runs" / folder_name(run)
+    output = work / "runs" / study.folder_name(run)
     if (output / "model").is_dir():
         return []
     train_plan, validation = plan(smoke)
     command = peg.train_command(
-        peg.config_path("c"), work / "data" / "mined", output, train_plan, base_model(work, smoke)
+        peg.config_path("c"),
+        work / "data" / "mined",
+        output,
+        train_plan,
+        study.base_model(work, smoke),
     )
     command += ["--eval-dirs", *peg.validation_sets(work, validation), *RUNS[run]]
-    return [(f"train/{run}", command + (SMOKE_TRAIN if smoke else []))]
+    return [(f"train/{run}", command + (study.SMOKE_TRAIN if smoke else []))]
 
 
 # --- 4. merge -------------------------------------------------------------------------
@@ -155,7 +144,7 @@ def merge_jobs(work: Path, smoke: bool) -> list[peg.Job]:
         if output.is_dir():
             continue
         weights = ["auto"] if weight == "auto" else [f"{1 - float(weight):g}", weight]
-        command = [peg.PEG_RAG, "merge", str(base_model(work, smoke)), str(tuned)]
+        command = [peg.PEG_RAG, "merge", str(study.base_model(work, smoke)), str(tuned)]
         command += ["--weights", *weights, "--output", str(output)]
         if weight == "auto":
             folders = [f for f in peg.validation_sets(work, plan(smoke)[1]) if "val-" in f]
@@ -174,10 +163,10 @@ def model_names() -> list[str]:
 
 def model_path(work: Path, smoke: bool, name: str) -> Path:
     if name == "base":
-        return base_model(work, smoke)
+        return study.base_model(work, smoke)
     if name.startswith("merge"):
-        return work / "merged" / folder_name(name)
-    return work / "runs" / folder_name(name) / "model"
+        return work / "merged" / study.folder_name(name)
+    return work / "runs" / study.folder_name(name) / "model"
 
 
 def eval_sets(work: Path) -> dict[str, Path]:
@@ -187,7 +176,7 @@ def eval_sets(work: Path) -> dict[str, Path]:
 def eval_jobs(work: Path, smoke: bool) -> list[peg.Job]:
     jobs = []
     for name in model_names():
-        if (work / "eval" / f"{folder_name(name)}.json").exists():
+        if (work / "eval" / f"{study.folder_name(name)}.json").exists():
             continue
         command = [sys.executable, str(Path(__file__).resolve()), "--work", str(work)]
         command += ["--evaluate", name, *(["--smoke"] if smoke else [])]
@@ -200,9 +189,9 @@ def evaluate(work: Path, smoke: bool, name: str) -> None:
         model_path(work, smoke, name),
         eval_sets(work),
         peg.EVAL / "stsb-zh" / "pairs.tsv",
-        work / "eval" / f"{folder_name(name)}.json",
+        work / "eval" / f"{study.folder_name(name)}.json",
         max_length=128 if smoke else peg.EVAL_LENGTH,
-        smoke=SMOKE_EVAL if smoke else None,
+        smoke=study.SMOKE_EVAL if smoke else None,
     )
 
 
@@ -210,7 +199,7 @@ def evaluate(work: Path, smoke: bool, name: str) -> None:
 
 
 def report(work: Path, smoke: bool) -> None:
-    evals = {n: study.load(work / "eval" / f"{folder_name(n)}.json") for n in model_names()}
+    evals = {n: study.load(work / "eval" / f"{study.folder_name(n)}.json") for n in model_names()}
     sets = [*eval_sets(work), study.STSB]
     base = evals["base"]
 

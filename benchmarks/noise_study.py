@@ -72,22 +72,10 @@ RUNS = {
 # --smoke: two small sources, a 1-layer model, 4 steps, evaluation on a few queries.
 SMOKE_PLAN = {"kuake-qtr": (40, 1.0), "paraphrase-medical": (40, 1.0)}
 SMOKE_VALIDATION = {"paraphrase-medical": 10}
-SMOKE_TRAIN = ["--max-steps", "4", "--batch-size", "8", "--mini-batch-size", "4"]
-SMOKE_TRAIN += ["--max-length", "64", "--eval-steps", "2", "--save-steps", "2"]
-SMOKE_TRAIN += ["--logging-steps", "1"]
-SMOKE_EVAL = (8, 200, 40)  # queries per set, other documents, stsb-zh pairs
 
 
 def log(message: str) -> None:
     peg.log(f"noise_study: {message}")
-
-
-def folder_name(run: str) -> str:
-    return run.replace(" + ", "-").replace(" ", "-")
-
-
-def base_model(work: Path, smoke: bool) -> Path:
-    return teacher_recipe.base_model(work, smoke)
 
 
 def plan(smoke: bool) -> tuple[dict[str, tuple[int, float]], dict[str, int]]:
@@ -180,7 +168,7 @@ def teacher_model(work: Path, noisy: bool) -> Path:
 
 
 def mine_jobs(work: Path, smoke: bool) -> list[peg.Job]:
-    data, model = work / "data", base_model(work, smoke)
+    data, model = work / "data", study.base_model(work, smoke)
     guard = ["--reranker", str(teacher_model(work, noisy=True))]
     jobs = []
     for lines, target, extra in (
@@ -223,7 +211,7 @@ def score_jobs(work: Path) -> list[peg.Job]:
 
 def final_validation(work: Path, run: str) -> float:
     """Mean nDCG@10 over the validation sets at the run's last evaluation."""
-    rows = peg.read_log(work / "runs" / folder_name(run) / "log.jsonl")
+    rows = peg.read_log(work / "runs" / study.folder_name(run) / "log.jsonl")
     last = [r for r in rows if any(k.startswith("eval/val-") for k in r)][-1]
     values = [v for k, v in last.items() if k.startswith("eval/val-") and k.endswith("ndcg@10")]
     return sum(values) / len(values)
@@ -236,7 +224,7 @@ def best_weighting(work: Path) -> str:
 
 
 def train_job(work: Path, smoke: bool, run: str) -> list[peg.Job]:
-    output = work / "runs" / folder_name(run)
+    output = work / "runs" / study.folder_name(run)
     if (output / "model").is_dir():
         return []
     folder, config, extra = RUNS[run]
@@ -247,11 +235,11 @@ def train_job(work: Path, smoke: bool, run: str) -> list[peg.Job]:
         work / "data" / folder,
         output,
         plan(smoke)[0],
-        base_model(work, smoke),
+        study.base_model(work, smoke),
     )
     command += ["--eval-dirs", *peg.validation_sets(work, plan(smoke)[1])]
     command += ["--log-line-weights", str(output / "line_weights.jsonl"), *extra]
-    return [(f"train/{run}", command + (SMOKE_TRAIN if smoke else []))]
+    return [(f"train/{run}", command + (study.SMOKE_TRAIN if smoke else []))]
 
 
 # --- 6. eval --------------------------------------------------------------------------
@@ -259,14 +247,14 @@ def train_job(work: Path, smoke: bool, run: str) -> list[peg.Job]:
 
 def model_path(work: Path, smoke: bool, name: str) -> Path:
     if name == "base":
-        return base_model(work, smoke)
-    return work / "runs" / folder_name(name) / "model"
+        return study.base_model(work, smoke)
+    return work / "runs" / study.folder_name(name) / "model"
 
 
 def eval_jobs(work: Path, smoke: bool) -> list[peg.Job]:
     jobs = []
     for name in ["base", *RUNS]:
-        if (work / "eval" / f"{folder_name(name)}.json").exists():
+        if (work / "eval" / f"{study.folder_name(name)}.json").exists():
             continue
         command = [sys.executable, str(Path(__file__).resolve()), "--work", str(work)]
         command += ["--evaluate", name, *(["--smoke"] if smoke else [])]
@@ -280,9 +268,9 @@ def evaluate(work: Path, smoke: bool, name: str) -> None:
         model_path(work, smoke, name),
         {set_name: peg.EVAL / set_name for set_name in RETRIEVAL_SETS},
         peg.EVAL / "stsb-zh" / "pairs.tsv",
-        work / "eval" / f"{folder_name(name)}.json",
+        work / "eval" / f"{study.folder_name(name)}.json",
         max_length=128 if smoke else peg.EVAL_LENGTH,
-        smoke=SMOKE_EVAL if smoke else None,
+        smoke=study.SMOKE_EVAL if smoke else None,
     )
 
 
@@ -305,7 +293,7 @@ def noise_auc(work: Path, run: str) -> dict[str, float]:
         hits = set(corrupted["corrupted"][path.name])
         queries = (json.loads(raw)["query"] for raw in path.read_text("utf-8").splitlines())
         bad |= {(path.name, n) for n, query in enumerate(queries, 1) if query in hits}
-    rows = peg.read_log(work / "runs" / folder_name(run) / "line_weights.jsonl")
+    rows = peg.read_log(work / "runs" / study.folder_name(run) / "line_weights.jsonl")
     last = {}  # a resumed run repeats steps: keep the last rows of each (step, line)
     for r in rows:
         last[(r["step"], r["file"], r["line"])] = r
@@ -335,7 +323,8 @@ def timings(work: Path) -> dict[str, float]:
 
 def report(work: Path, smoke: bool) -> None:
     evals = {
-        name: study.load(work / "eval" / f"{folder_name(name)}.json") for name in ["base", *RUNS]
+        name: study.load(work / "eval" / f"{study.folder_name(name)}.json")
+        for name in ["base", *RUNS]
     }
     walls = timings(work)
     best = best_weighting(work)

@@ -43,9 +43,9 @@ import time
 from pathlib import Path
 
 import results_file
-from reproduce_peg import BASE, EVAL, PEG_RAG, SEED, Job, merged_lines, run_all, write_jsonl
+from reproduce_peg import EVAL, PEG_RAG, SEED, Job, merged_lines, run_all, write_jsonl
 from results_file import header, update_section
-from study_eval import retrieval_set
+from study_eval import base_model, retrieval_set
 
 from peg_rag.core.cache import cache_dir
 
@@ -88,15 +88,6 @@ def log(message: str) -> None:
 
 def plan(smoke: bool) -> tuple[dict[str, int], dict[str, int]]:
     return (SMOKE_PLAN, SMOKE_HELD) if smoke else (PLAN, HELD_OUT)
-
-
-def base_model(work: Path, smoke: bool) -> Path:
-    """me5-small-zh, or with --smoke a 1-layer, 64-wide BERT with its tokenizer."""
-    if not smoke:
-        return BASE
-    from train_common import small_bert
-
-    return small_bert(work / "tiny-model", layers=1, hidden=64, max_length=128)
 
 
 def prepare(work: Path, smoke: bool) -> None:

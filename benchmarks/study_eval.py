@@ -1,5 +1,6 @@
-"""Per-query evaluation and paired-bootstrap intervals, shared by the training studies
-(noise_study.py, forgetting_study.py).
+"""What the training studies (noise_study.py, forgetting_study.py, reproduce_reranker.py)
+share: per-query evaluation, paired-bootstrap intervals, the base model, the --smoke sizes
+and the command line.
 
 A model's evaluation is one JSON file: ``{set: {query id: nDCG@10}}`` for each BEIR folder
 (dense exact search) and ``{"cosine": [...], "gold": [...]}`` for the stsb-zh pairs, so that
@@ -19,6 +20,27 @@ import numpy as np
 SEED = 42
 BOOTSTRAP_DRAWS = 2000
 STSB = "stsb-zh"
+# --smoke: 4 steps of a tiny model, evaluation on a few queries.
+SMOKE_TRAIN = ["--max-steps", "4", "--batch-size", "8", "--mini-batch-size", "4"]
+SMOKE_TRAIN += ["--max-length", "64", "--eval-steps", "2", "--save-steps", "2"]
+SMOKE_TRAIN += ["--logging-steps", "1"]
+SMOKE_EVAL = (8, 200, 40)  # queries per set, other documents, stsb-zh pairs
+
+
+def base_model(work: Path, smoke: bool) -> Path:
+    """me5-small-zh, or with --smoke a 1-layer, 64-wide BERT with its tokenizer."""
+    from reproduce_peg import BASE
+
+    if not smoke:
+        return BASE
+    from train_common import small_bert
+
+    return small_bert(work / "tiny-model", layers=1, hidden=64, max_length=128)
+
+
+def folder_name(run: str) -> str:
+    """A run's folder: "C + anchor 1" -> "C-anchor-1"."""
+    return run.replace(" + ", "-").replace(" ", "-")
 
 
 def retrieval_set(folder: Path, queries: int | None = None, docs: int | None = None):
