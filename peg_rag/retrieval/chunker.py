@@ -94,6 +94,10 @@ class Chunker:
                 unit_sizes.append(size)
                 continue
             for piece in self._hard_cut(text, start, end):
+                # A blank piece (a cut sentence's trailing newline) is no unit: a chunk that
+                # began with one would strip to the same start as the chunk after it.
+                if not text[piece[0] : piece[1]].strip():
+                    continue
                 units.append(piece)
                 unit_sizes.append(self._sizes([text[piece[0] : piece[1]]])[0])
         return units, unit_sizes
