@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from reproduce_peg import BASE
 
 SEED = 42
 BOOTSTRAP_DRAWS = 2000
@@ -29,8 +30,6 @@ SMOKE_EVAL = (8, 200, 40)  # queries per set, other documents, stsb-zh pairs
 
 def base_model(work: Path, smoke: bool) -> Path:
     """me5-small-zh, or with --smoke a 1-layer, 64-wide BERT with its tokenizer."""
-    from reproduce_peg import BASE
-
     if not smoke:
         return BASE
     from train_common import small_bert

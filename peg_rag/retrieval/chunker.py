@@ -94,12 +94,12 @@ class Chunker:
                 unit_sizes.append(size)
                 continue
             for piece in self._hard_cut(text, start, end):
+                piece_text = text[piece[0] : piece[1]]
                 # A blank piece (a cut sentence's trailing newline) is no unit: a chunk that
                 # began with one would strip to the same start as the chunk after it.
-                if not text[piece[0] : piece[1]].strip():
-                    continue
-                units.append(piece)
-                unit_sizes.append(self._sizes([text[piece[0] : piece[1]]])[0])
+                if piece_text.strip():
+                    units.append(piece)
+                    unit_sizes.append(self._sizes([piece_text])[0])
         return units, unit_sizes
 
     def _hard_cut(self, text: str, start: int, end: int) -> list[tuple[int, int]]:
