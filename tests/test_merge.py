@@ -5,6 +5,7 @@ model is clearly better than the other."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -236,6 +237,7 @@ def test_auto_weights_keep_the_model_that_retrieves(second, blind, beir, tmp_pat
     assert result.scores[1.0, 0.0] == 1.0 > result.scores[0.0, 1.0]
     assert result.set_scores[0.0, 1.0] == {"beir": result.scores[0.0, 1.0]}
     assert "| 1.0 | 0.0 | 100.00 | 100.00 | chosen |" in result.table()
+    assert 0 < result.search_seconds < result.seconds
     saved = PEGEncoder.from_pretrained(tmp_path / "merged", device="cpu")
     assert saved.max_length == 128  # the first model's, not the search's
     assert evaluate_folder(saved, beir)["ndcg@10"] == 1.0
@@ -268,9 +270,19 @@ def test_command_line(first, second, tmp_path, capsys):
     out = tmp_path / "merged"
     args = ["merge", str(first), str(second), "--weights", "1", "3", "--output", str(out)]
     assert main(args) == 0
-    assert f"wrote {out}: 0.25 {first}, 0.75 {second}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert re.search(f"wrote {re.escape(str(out))}: 0.25 .*, 0.75 .* \\([0-9.]+ s\\)\n", printed)
     assert PEGEncoder.from_pretrained(out, device="cpu").pooling == "mean"
     assert main(args) == 2  # the output exists now
     assert "merge: error: " in capsys.readouterr().err
     assert main([*args[:4], "half", "half", *args[6:], "--overwrite"]) == 2
     assert "--weights takes numbers or 'auto', got half half" in capsys.readouterr().err
+
+
+def test_command_line_auto_prints_the_search_time(second, blind, beir, tmp_path, capsys):
+    out = tmp_path / "merged"
+    args = ["merge", str(second), str(blind), "--weights", "auto", "--output", str(out)]
+    assert main([*args, "--validation", str(beir), "--max-length", "16", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "| 1.0 | 0.0 | 100.00 | 100.00 | chosen |" in printed
+    assert re.search(r"\(([0-9.]+) s, of which ([0-9.]+) s scoring 11 candidates\)", printed)

@@ -38,6 +38,7 @@ import logging
 import math
 import os
 import random
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +79,8 @@ class MergeResult:
     metric: str | None = None  # the metric of weights="auto"; None for given weights
     scores: dict[Weights, float] = field(default_factory=dict)  # candidate -> mean over sets
     set_scores: dict[Weights, dict[str, float]] = field(default_factory=dict)
+    seconds: float = 0.0  # the whole call, from checking the inputs to the saved folder
+    search_seconds: float = 0.0  # of which scoring the candidates of weights="auto"
 
     def table(self) -> str:
         """A Markdown table of the searched candidates in search order, scores x 100 (as
@@ -361,6 +364,7 @@ def merge_models(
     """
     if len(models) < 2:
         raise ValueError(f"merging needs at least two models, got {len(models)}")
+    start = time.perf_counter()
     target = Path(output)
     _check_output(target, models, overwrite)
     given: Weights | None = None
@@ -389,12 +393,15 @@ def merge_models(
                     f"max_length must be in [1, {limit}] (the model's limit), got {max_length}"
                 )
             encoder.max_length = max_length
+        searching = time.perf_counter()
         result.weights, result.scores, result.set_scores = _search(
             encoder, states, sets, metric, show_progress_bar
         )
         result.metric = metric
+        result.search_seconds = time.perf_counter() - searching
         encoder.max_length = saved_length
         logger.info("chose the weights %s by mean %s", result.weights, metric)
     encoder.model.load_state_dict(average(states, result.weights))
     save_model_atomically(encoder, target)
+    result.seconds = time.perf_counter() - start
     return result

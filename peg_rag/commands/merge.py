@@ -82,5 +82,8 @@ def run(args: argparse.Namespace) -> int:
     weights = ", ".join(
         f"{w:.4g} {model}" for w, model in zip(result.weights, result.models, strict=True)
     )
-    print(f"wrote {result.output}: {weights}")
+    took = f"{result.seconds:.1f} s"
+    if result.metric:  # the search's share is mostly evaluation: encoding every candidate
+        took += f", of which {result.search_seconds:.1f} s scoring {len(result.scores)} candidates"
+    print(f"wrote {result.output}: {weights} ({took})")
     return 0
