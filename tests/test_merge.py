@@ -26,7 +26,7 @@ from peg_rag.cli import main
 from peg_rag.core.encoder import PEGEncoder
 from peg_rag.retrieval.evaluate import evaluate_folder
 from peg_rag.trainer import merge_models
-from peg_rag.trainer.merge import check_tensors
+from peg_rag.trainer.merge import _validation, check_tensors
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -203,6 +203,8 @@ def test_refuses_bad_arguments_before_loading_anything(first, second, beir, tmp_
         merge_models([first, second], "auto", out, validation=[beir], metric="ndcg@5")
     with pytest.raises(ValueError, match="max_queries must be >= 1"):
         merge_models([first, second], "auto", out, validation=[beir], max_queries=0)
+    with pytest.raises(ValueError, match="max_distractors must be >= 0"):
+        merge_models([first, second], "auto", out, validation=[beir], max_distractors=-1)
     with pytest.raises(ValueError, match="would replace the input model"):
         merge_models([first, second], [1, 1], second, overwrite=True)
     with pytest.raises(ValueError, match="would replace the input model"):
@@ -247,6 +249,18 @@ def test_auto_weights_keep_the_model_that_retrieves(second, blind, beir, tmp_pat
     assert evaluate_folder(mix, beir)["ndcg@10"] == result.scores[0.1, 0.9] < 1.0
 
 
+def test_validation_keeps_the_sampled_queries_relevant_passages_and_some_others(beir):
+    whole = _validation([beir], None, None, seed=0)["beir"]
+    cut = _validation([beir], 2, 3, seed=0)["beir"]
+    relevant = {d for rel in cut.qrels.values() for d in rel}
+    assert len(cut.queries) == 2 and len(relevant) == 2
+    assert relevant < set(cut.corpus) < set(whole.corpus) and len(cut.corpus) == 2 + 3
+    assert all(cut.corpus[d] == whole.corpus[d] for d in cut.corpus)
+    assert _validation([beir], 2, 3, seed=0)["beir"].corpus == cut.corpus  # seeded
+    assert set(_validation([beir], 2, 0, seed=0)["beir"].corpus) == relevant
+    assert set(_validation([beir], 2, 6, seed=0)["beir"].corpus) == set(whole.corpus)
+
+
 def test_auto_weights_of_four_models_climb_from_the_best_single_model(
     second, blind, beir, tmp_path
 ):
@@ -277,6 +291,9 @@ def test_command_line(first, second, tmp_path, capsys):
     assert "merge: error: " in capsys.readouterr().err
     assert main([*args[:4], "half", "half", *args[6:], "--overwrite"]) == 2
     assert "--weights takes numbers or 'auto', got half half" in capsys.readouterr().err
+    search = ["--weights", "auto", "--validation", str(tmp_path), "--max-distractors", "-1"]
+    assert main([*args[:3], *search, *args[6:], "--overwrite"]) == 2
+    assert "max_distractors must be >= 0 (or None: all), got -1" in capsys.readouterr().err
 
 
 def test_command_line_auto_prints_the_search_time(second, blind, beir, tmp_path, capsys):

@@ -27,8 +27,9 @@ default) averaged over validation BEIR folders. Candidates are multiples of 0.1 
 A tie goes to the candidate scored first, which puts more weight on the earlier models (for
 ``BASE TUNED``: closer to the base model). Each candidate is merged in memory, loaded into the
 first model's encoder and scored by exact dense retrieval, as ``peg-rag eval`` does, on each
-folder's whole corpus and at most ``max_queries`` judged queries (a seeded sample). The corpus
-is encoded again for every candidate, so keep validation folders small.
+folder's corpus and at most ``max_queries`` judged queries (a seeded sample). The corpus is
+encoded again for every candidate, which is most of the search's time, so keep validation
+corpora small or cut them with ``max_distractors``.
 """
 
 from __future__ import annotations
@@ -241,10 +242,10 @@ def _check_output(target: Path, models: Iterable[str | os.PathLike[str]], overwr
 
 
 def _validation(
-    paths: Sequence[str | Path], max_queries: int | None, seed: int
+    paths: Sequence[str | Path], max_queries: int | None, max_distractors: int | None, seed: int
 ) -> dict[str, RetrievalSet]:
-    """The BEIR folders by name, each with at most ``max_queries`` judged queries (a sample
-    drawn with ``seed``) and its whole corpus."""
+    """The BEIR folders by name, each with at most ``max_queries`` judged queries and, of the
+    passages not judged relevant to those, at most ``max_distractors`` (seeded samples)."""
     sets: dict[str, RetrievalSet] = {}
     for name, data in load_sets(paths).items():
         if not isinstance(data, RetrievalSet):
@@ -261,6 +262,13 @@ def _validation(
                 {q: judged[q] for q in kept},
                 {q: data.qrels[q] for q in kept},
             )
+        if max_distractors is not None:
+            relevant = {d for rel in data.qrels.values() for d, grade in rel.items() if grade > 0}
+            others = sorted(set(data.corpus) - relevant)  # sorted: the sample ignores set order
+            if len(others) > max_distractors:
+                keep = relevant | set(random.Random(seed).sample(others, max_distractors))
+                corpus = {d: text for d, text in data.corpus.items() if d in keep}
+                data = RetrievalSet(data.name, corpus, data.queries, data.qrels)
         sets[name] = data
     return sets
 
@@ -340,6 +348,7 @@ def merge_models(
     validation: Sequence[str | Path] = (),
     metric: str = "ndcg@10",
     max_queries: int | None = 50,
+    max_distractors: int | None = None,
     seed: int = 0,
     max_length: int | None = None,
     device: str | None = None,
@@ -353,7 +362,8 @@ def merge_models(
     ``weights`` holds one number >= 0 per model, not all zero; they are divided by their sum,
     so ``[1, 3]`` means 0.25 and 0.75. ``weights="auto"`` searches them (module docstring) on
     the BEIR folders ``validation`` by ``metric`` (one of ``METRICS``), with at most
-    ``max_queries`` judged queries per folder (None: all) sampled with ``seed``, texts cut to
+    ``max_queries`` judged queries per folder (None: all) and at most ``max_distractors``
+    passages not judged relevant to them (None: all), both sampled with ``seed``, texts cut to
     ``max_length`` tokens (default: the first model's max length, which the merged model
     keeps either way), encoded on ``device`` (default: the best available) ``batch_size`` at a
     time. Given weights merge on the CPU.
@@ -377,7 +387,10 @@ def merge_models(
             raise ValueError("weights='auto' needs validation BEIR folders (--validation)")
         if max_queries is not None and max_queries < 1:
             raise ValueError(f"max_queries must be >= 1 (or None: all), got {max_queries}")
-        sets = _validation(validation, max_queries, seed)  # bad input fails before loading
+        if max_distractors is not None and max_distractors < 0:
+            raise ValueError(f"max_distractors must be >= 0 (or None: all), got {max_distractors}")
+        # Bad input fails here, before any model is loaded.
+        sets = _validation(validation, max_queries, max_distractors, seed)
     else:
         if validation:
             raise ValueError("validation folders are used only with weights='auto'")

@@ -42,9 +42,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         default=50,
         metavar="N",
-        help="judged queries per folder, a seeded sample; the whole corpus is kept (0: all)",
+        help="judged queries per folder, a seeded sample (0: all)",
     )
-    search.add_argument("--seed", type=int, default=0, help="of the query sample")
+    search.add_argument(
+        "--max-distractors",
+        type=int,
+        metavar="N",
+        help="passages per folder not judged relevant to those queries, a seeded sample "
+        "(default: all); the corpus is encoded for every candidate, so this bounds the time",
+    )
+    search.add_argument("--seed", type=int, default=0, help="of the samples")
     search.add_argument(
         "--max-length", type=int, help="max tokens per text (default: the first model's)"
     )
@@ -70,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         validation=args.validation,
         metric=args.metric,
         max_queries=args.max_queries or None,
+        max_distractors=args.max_distractors,
         seed=args.seed,
         max_length=args.max_length,
         device=args.device,
