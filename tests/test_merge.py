@@ -285,7 +285,8 @@ def test_command_line(first, second, tmp_path, capsys):
     args = ["merge", str(first), str(second), "--weights", "1", "3", "--output", str(out)]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert re.search(f"wrote {re.escape(str(out))}: 0.25 .*, 0.75 .* \\([0-9.]+ s\\)\n", printed)
+    wrote = f"wrote {out}: 0.25 {first}, 0.75 {second}"
+    assert re.search(f"{re.escape(wrote)} \\([0-9.]+ s\\)\n", printed)
     assert PEGEncoder.from_pretrained(out, device="cpu").pooling == "mean"
     assert main(args) == 2  # the output exists now
     assert "merge: error: " in capsys.readouterr().err
