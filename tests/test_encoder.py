@@ -152,6 +152,17 @@ def test_round_trip_through_peg_and_sentence_transformers(tiny_model_dir, tmp_pa
     assert st.max_seq_length == 100
 
 
+def test_saving_after_encoding_leaves_no_truncation_in_tokenizer_json(tiny_model_dir, tmp_path):
+    # Tools that read tokenizer.json directly (the tokenizers library, ONNX servers) would
+    # otherwise cut every text at the length of the last encode call.
+    enc = PEGEncoder.from_pretrained(tiny_model_dir, max_length=16, device="cpu")
+    before = enc.encode(CHINESE_TEXTS)
+    enc.save_pretrained(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "tokenizer.json").read_text(encoding="utf-8"))
+    assert (saved["truncation"], saved["padding"]) == (None, None)
+    np.testing.assert_allclose(enc.encode(CHINESE_TEXTS), before, atol=1e-6)
+
+
 def test_empty_list_gives_empty_matrix(encoder):
     assert encoder.encode([]).shape == (0, 32)
     assert encoder.encode_queries([]).dtype == np.float32

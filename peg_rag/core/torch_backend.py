@@ -258,5 +258,11 @@ class TorchModel:
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(path, safe_serialization=True)
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            # Encoding leaves its per-call truncation and padding on the fast tokenizer; saved,
+            # they would make tools that read tokenizer.json directly cut texts at that length.
+            backend.no_truncation()
+            backend.no_padding()
         self.tokenizer.save_pretrained(path)
         return path
