@@ -7,8 +7,8 @@ the base model afterwards. One command, resumable, sized for 2 cores.
 
 ``--work`` defaults to ``bench/forgetting`` in peg-rag's cache directory; ``--lock`` as in
 reproduce_peg.py. Stages, each skipped where its output exists (a killed training run resumes
-from its last checkpoint); about 5 hours on 2 cores (4 runs of ~40 minutes, 10 models to
-evaluate):
+from its last checkpoint); about 9 hours on 2 cores (4 runs of 50 minutes to 2 hours, the
+auto merge's 45-minute search, and 9 models to evaluate at about 22 minutes each):
 
 1. ``prepare``: reproduce_peg.py's subsample and validation sets without the LEFT_OUT
    sources, and one held-out retrieval set per left-out source, in BEIR layout:
@@ -24,7 +24,8 @@ evaluate):
    the held-out training queries (MERGE_QUERIES per source, every training source).
 5. ``eval``: per query nDCG@10 (dense, max length 512) on kuake-qtr-dev, cmedir-dev,
    cmrc2018-dev and the held-out-source sets, and stsb-zh's Spearman, for the base model and
-   every model (study_eval.py).
+   every model (study_eval.py); a model with the same weights as one evaluated before (auto
+   choosing a given split) reuses its record.
 6. ``report``: the table, paired-bootstrap 95% intervals against the base model, the goals
    and the recipe that meets them, ``benchmarks/forgetting_study.png`` and the "Forgetting
    (issue 15)" section of RESULTS.md (with ``--smoke``: both in the work folder).
@@ -32,7 +33,9 @@ evaluate):
 
 from __future__ import annotations
 
+import filecmp
 import random
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -184,7 +187,25 @@ def eval_jobs(work: Path, smoke: bool) -> list[peg.Job]:
     return jobs
 
 
+def twin(work: Path, smoke: bool, name: str) -> str | None:
+    """An earlier model in ``model_names()`` whose weights file is byte-identical to ``name``'s
+    (``auto`` may choose one of the given splits); evaluating it again would repeat a record."""
+    names = model_names()
+    weights = model_path(work, smoke, name) / "model.safetensors"
+    for other in names[: names.index(name)]:
+        candidate = model_path(work, smoke, other) / "model.safetensors"
+        if candidate.is_file() and filecmp.cmp(weights, candidate, shallow=False):
+            return other
+    return None
+
+
 def evaluate(work: Path, smoke: bool, name: str) -> None:
+    same = twin(work, smoke, name)
+    done = work / "eval" / f"{study.folder_name(same)}.json" if same else None
+    if done is not None and done.is_file():
+        shutil.copyfile(done, work / "eval" / f"{study.folder_name(name)}.json")
+        log(f"{name} has the same weights as {same}: its evaluation is reused")
+        return
     study.evaluate(
         model_path(work, smoke, name),
         eval_sets(work),
@@ -256,6 +277,12 @@ def report(work: Path, smoke: bool) -> None:
             f"- Merges: `peg-rag merge BASE C --weights {{1 - w}} {{w}}` for w in "
             f"{', '.join(MERGES[:-1])}, and `--weights auto` on the held-out training queries "
             f"({MERGE_QUERIES} per source).",
+            *(
+                f"- {name} has the same weights as {twin(work, smoke, name)}; its evaluation "
+                "is that model's."
+                for name in model_names()
+                if twin(work, smoke, name)
+            ),
             f"- Intervals: paired bootstrap, {study.BOOTSTRAP_DRAWS} draws of the queries, 95%.",
             "",
             "nDCG@10 x 100 (dense, max length 512; change vs base), stsb-zh Spearman x 100:",
