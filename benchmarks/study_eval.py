@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import tempfile
 from pathlib import Path
 
@@ -45,21 +44,10 @@ def folder_name(run: str) -> str:
 def retrieval_set(folder: Path, queries: int | None = None, docs: int | None = None):
     """A BEIR folder's judged queries, or a seeded sample of ``queries`` of them; with
     ``docs``, the corpus cut to their relevant documents and ``docs`` others."""
-    from peg_rag.core.beir import RetrievalSet, load_beir
-    from peg_rag.retrieval.evaluate import judged_queries
+    from peg_rag.core.beir import load_beir
+    from peg_rag.retrieval.evaluate import sample_set
 
-    data = load_beir(folder)
-    judged = judged_queries(data)
-    keep = sorted(judged)
-    if queries is not None:
-        keep = random.Random(SEED).sample(keep, min(queries, len(keep)))
-    qrels = {q: data.qrels[q] for q in keep}
-    corpus = data.corpus
-    if docs is not None:
-        relevant = {d for rel in qrels.values() for d in rel}
-        others = random.Random(SEED).sample(sorted(set(corpus) - relevant), docs)
-        corpus = {d: corpus[d] for d in sorted(relevant | set(others))}
-    return RetrievalSet(data.name, corpus, {q: judged[q] for q in keep}, qrels)
+    return sample_set(load_beir(folder), queries, docs, SEED)
 
 
 def evaluate(

@@ -11,7 +11,13 @@ import pytest
 from peg_rag.cli import main
 from peg_rag.core.beir import load_pairs
 from peg_rag.core.encoder import PEGEncoder
-from peg_rag.retrieval.evaluate import evaluate_folder, load_set, pair_spearman, score_set
+from peg_rag.retrieval.evaluate import (
+    evaluate_folder,
+    load_set,
+    pair_spearman,
+    sample_set,
+    score_set,
+)
 
 DOCS = [
     "医保报销需要准备身份证和医保卡",
@@ -65,6 +71,28 @@ def test_evaluate_folder_rejects_unknown_query(tmp_path, encoder):
     folder = write_beir(tmp_path / "bad", {"q0": DOCS[0]}, [("q0", "d0", 1), ("q9", "d1", 1)])
     with pytest.raises(ValueError, match="lacks, e.g. \\['q9'\\]"):
         evaluate_folder(encoder, folder)
+
+
+def test_sample_set_keeps_sampled_judged_queries_their_passages_and_some_others(tmp_path):
+    queries = {f"q{i}": DOCS[i] for i in range(5)}
+    # q4 is judged nothing relevant; d5, judged 0 for q0, is a distractor like any other.
+    qrels = [(f"q{i}", f"d{i}", 1) for i in range(4)] + [("q4", "d4", 0), ("q0", "d5", 0)]
+    data = load_set(write_beir(tmp_path / "beir", queries, qrels))
+    whole = sample_set(data)
+    assert set(whole.queries) == {"q0", "q1", "q2", "q3"} and whole.corpus == data.corpus
+    cut = sample_set(data, 2, 3, seed=0)
+    relevant = {d for rel in cut.qrels.values() for d, grade in rel.items() if grade > 0}
+    assert len(cut.queries) == 2 and set(cut.qrels) == set(cut.queries) and len(relevant) == 2
+    assert relevant < set(cut.corpus) and len(cut.corpus) == 2 + 3
+    assert all(cut.corpus[d] == data.corpus[d] for d in cut.corpus)
+    assert sample_set(data, 2, 3, seed=0) == cut  # seeded
+    assert len({frozenset(sample_set(data, 2, seed=s).queries) for s in range(20)}) > 1
+    assert set(sample_set(data, 2, 0, seed=0).corpus) == relevant
+    assert sample_set(data, 2, 6, seed=0).corpus == data.corpus  # 6 others: all of them
+    with pytest.raises(ValueError, match="max_queries must be >= 1"):
+        sample_set(data, 0)
+    with pytest.raises(ValueError, match="max_distractors must be >= 0"):
+        sample_set(data, None, -1)
 
 
 def test_pair_spearman_follows_cosine_order(tmp_path, encoder):

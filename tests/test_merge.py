@@ -26,7 +26,7 @@ from peg_rag.cli import main
 from peg_rag.core.encoder import PEGEncoder
 from peg_rag.retrieval.evaluate import evaluate_folder
 from peg_rag.trainer import merge_models
-from peg_rag.trainer.merge import _validation, check_tensors
+from peg_rag.trainer.merge import check_tensors
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -247,18 +247,6 @@ def test_auto_weights_keep_the_model_that_retrieves(second, blind, beir, tmp_pat
     merge_models([second, blind], [0.1, 0.9], tmp_path / "mix")
     mix = PEGEncoder.from_pretrained(tmp_path / "mix", device="cpu")
     assert evaluate_folder(mix, beir)["ndcg@10"] == result.scores[0.1, 0.9] < 1.0
-
-
-def test_validation_keeps_the_sampled_queries_relevant_passages_and_some_others(beir):
-    whole = _validation([beir], None, None, seed=0)["beir"]
-    cut = _validation([beir], 2, 3, seed=0)["beir"]
-    relevant = {d for rel in cut.qrels.values() for d in rel}
-    assert len(cut.queries) == 2 and len(relevant) == 2
-    assert relevant < set(cut.corpus) < set(whole.corpus) and len(cut.corpus) == 2 + 3
-    assert all(cut.corpus[d] == whole.corpus[d] for d in cut.corpus)
-    assert _validation([beir], 2, 3, seed=0)["beir"].corpus == cut.corpus  # seeded
-    assert set(_validation([beir], 2, 0, seed=0)["beir"].corpus) == relevant
-    assert set(_validation([beir], 2, 6, seed=0)["beir"].corpus) == set(whole.corpus)
 
 
 def test_auto_weights_of_four_models_climb_from_the_best_single_model(

@@ -38,7 +38,6 @@ import json
 import logging
 import math
 import os
-import random
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -55,7 +54,7 @@ from peg_rag.core.encoder import PEGEncoder
 from peg_rag.core.encoding import DEFAULT_BATCH_SIZE
 from peg_rag.core.files import read_json
 from peg_rag.core.model_files import resolve_model_dir
-from peg_rag.retrieval.evaluate import judged_queries, load_sets, score_set
+from peg_rag.retrieval.evaluate import check_sample_limits, load_sets, sample_set, score_set
 
 from .checkpoint import save_model_atomically
 
@@ -244,8 +243,7 @@ def _check_output(target: Path, models: Iterable[str | os.PathLike[str]], overwr
 def _validation(
     paths: Sequence[str | Path], max_queries: int | None, max_distractors: int | None, seed: int
 ) -> dict[str, RetrievalSet]:
-    """The BEIR folders by name, each with at most ``max_queries`` judged queries and, of the
-    passages not judged relevant to those, at most ``max_distractors`` (seeded samples)."""
+    """The BEIR folders by name, each cut by ``sample_set``."""
     sets: dict[str, RetrievalSet] = {}
     for name, data in load_sets(paths).items():
         if not isinstance(data, RetrievalSet):
@@ -253,23 +251,7 @@ def _validation(
                 f"validation set {name} holds sentence pairs; the weight search needs BEIR "
                 "folders (corpus.jsonl, queries.jsonl, qrels/test.tsv)"
             )
-        judged = judged_queries(data)
-        if max_queries is not None and len(judged) > max_queries:
-            kept = random.Random(seed).sample(sorted(judged), max_queries)
-            data = RetrievalSet(
-                data.name,
-                data.corpus,
-                {q: judged[q] for q in kept},
-                {q: data.qrels[q] for q in kept},
-            )
-        if max_distractors is not None:
-            relevant = {d for rel in data.qrels.values() for d, grade in rel.items() if grade > 0}
-            others = sorted(set(data.corpus) - relevant)  # sorted: the sample ignores set order
-            if len(others) > max_distractors:
-                keep = relevant | set(random.Random(seed).sample(others, max_distractors))
-                corpus = {d: text for d, text in data.corpus.items() if d in keep}
-                data = RetrievalSet(data.name, corpus, data.queries, data.qrels)
-        sets[name] = data
+        sets[name] = sample_set(data, max_queries, max_distractors, seed)
     return sets
 
 
@@ -385,10 +367,7 @@ def merge_models(
             raise ValueError(f"metric must be one of {list(METRICS)}, got {metric!r}")
         if not validation:
             raise ValueError("weights='auto' needs validation BEIR folders (--validation)")
-        if max_queries is not None and max_queries < 1:
-            raise ValueError(f"max_queries must be >= 1 (or None: all), got {max_queries}")
-        if max_distractors is not None and max_distractors < 0:
-            raise ValueError(f"max_distractors must be >= 0 (or None: all), got {max_distractors}")
+        check_sample_limits(max_queries, max_distractors)
         # Bad input fails here, before any model is loaded.
         sets = _validation(validation, max_queries, max_distractors, seed)
     else:

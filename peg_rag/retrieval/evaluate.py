@@ -10,6 +10,7 @@ multiplies by 100, the way C-MTEB reports.
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -49,6 +50,40 @@ def judged_queries(data: RetrievalSet) -> dict[str, str]:
             f"lacks, e.g. {missing[:3]}"
         )
     return {q: data.queries[q] for q in judged}
+
+
+def check_sample_limits(max_queries: int | None, max_distractors: int | None) -> None:
+    """Fail on limits ``sample_set`` cannot meet, before any folder is read."""
+    if max_queries is not None and max_queries < 1:
+        raise ValueError(f"max_queries must be >= 1 (or None: all), got {max_queries}")
+    if max_distractors is not None and max_distractors < 0:
+        raise ValueError(f"max_distractors must be >= 0 (or None: all), got {max_distractors}")
+
+
+def sample_set(
+    data: RetrievalSet,
+    max_queries: int | None = None,
+    max_distractors: int | None = None,
+    seed: int = 0,
+) -> RetrievalSet:
+    """``data`` cut to its judged queries, at most ``max_queries`` of them, and to the passages
+    relevant to those plus at most ``max_distractors`` others (None: all). Both are seeded
+    samples, so a seed gives the same set every time; a smaller set scores faster, and with
+    fewer distractors every query scores higher."""
+    check_sample_limits(max_queries, max_distractors)
+    judged = judged_queries(data)
+    kept = sorted(judged)  # sorted: the sample ignores the file's order
+    if max_queries is not None and len(kept) > max_queries:
+        kept = random.Random(seed).sample(kept, max_queries)
+    qrels = {q: data.qrels[q] for q in kept}
+    corpus = data.corpus
+    if max_distractors is not None:
+        relevant = {d for rel in qrels.values() for d, grade in rel.items() if grade > 0}
+        others = sorted(set(corpus) - relevant)
+        if len(others) > max_distractors:
+            keep = relevant | set(random.Random(seed).sample(others, max_distractors))
+            corpus = {d: text for d, text in corpus.items() if d in keep}
+    return RetrievalSet(data.name, corpus, {q: judged[q] for q in kept}, qrels)
 
 
 def dense_run(
