@@ -247,7 +247,7 @@ def report(work: Path, smoke: bool) -> None:
                 f"{c} ({study.headline(record, s) - study.headline(base, s):+.2f})"
                 for c, s in zip(cells, sets, strict=True)
             ]
-        share = f"{100 * kept(name):.0f}%" if name != "base" else "-"
+        share = f"{100 * kept(name):.1f}%" if name != "base" else "-"  # 79.9% is not 80%
         table.append(f"| {name} | " + " | ".join(cells) + f" | {gain(name):+.2f} | {share} |")
     intervals = ["| model - base | " + " | ".join(sets) + " |"]
     intervals.append("| --- | " + " | ".join("---:" for _ in sets) + " |")
@@ -257,11 +257,12 @@ def report(work: Path, smoke: bool) -> None:
     meets = [n for n in model_names()[1:] if kept(n) >= 0.8 and worst(n)[0] >= -0.5]
     recommended = max(meets, key=gain) if meets else None
     goals = [
-        f"- {name}: keeps {100 * kept(name):.0f}% of C's in-domain gain (goal >= "
+        f"- {name}: keeps {100 * kept(name):.1f}% of C's in-domain gain (goal >= "
         f"80%), largest held-out-source drop {worst(name)[0]:+.2f} on {worst(name)[1]} (goal "
         ">= -0.50): " + ("**meets both**" if name in meets else "**misses**")
         for name in model_names()[1:]
     ]
+    twins = {name: twin(work, smoke, name) for name in model_names()}  # reads every weights file
     plot_file = (
         work / "forgetting_study.png" if smoke else Path(__file__).with_name("forgetting_study.png")
     )
@@ -278,10 +279,9 @@ def report(work: Path, smoke: bool) -> None:
             f"{', '.join(MERGES[:-1])}, and `--weights auto` on the held-out training queries "
             f"({MERGE_QUERIES} per source).",
             *(
-                f"- {name} has the same weights as {twin(work, smoke, name)}; its evaluation "
-                "is that model's."
-                for name in model_names()
-                if twin(work, smoke, name)
+                f"- {name} has the same weights as {same}; its evaluation is that model's."
+                for name, same in twins.items()
+                if same
             ),
             f"- Intervals: paired bootstrap, {study.BOOTSTRAP_DRAWS} draws of the queries, 95%.",
             "",

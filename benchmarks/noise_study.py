@@ -6,8 +6,8 @@ and what a reranker's guard and distillation add. One command, resumable, sized 
 
 ``--work`` defaults to ``bench/noise`` in peg-rag's cache directory; ``--lock`` as in
 reproduce_peg.py. Stages, each skipped where its output exists (a killed training run resumes
-from its last checkpoint); about 11 hours in all on 2 cores (9 embedder runs of ~40 minutes,
-2 reranker runs of ~60, mining, scoring and evaluation):
+from its last checkpoint); about 13 hours in all on 2 cores (9 embedder runs of ~50 minutes,
+2 reranker runs of ~60, 10 evaluations of ~15, mining and scoring):
 
 1. ``prepare``: reproduce_peg.py's training subsample and held-out validation sets, and a
    noisy copy of the lines: for NOISE (40%) of the queries, drawn with a seed per query text,
