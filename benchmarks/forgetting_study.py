@@ -20,8 +20,9 @@ auto merge's 45-minute search, and 9 models to evaluate at about 22 minutes each
 3. ``train``: RUNS: C (trainer/configs/ablation-c.yaml) as it is, with the embedding anchor at
    two weights, and with general-domain mixing (cmrc2018-trial, the general source left in
    training).
-4. ``merge``: ``peg-rag merge BASE C`` with C's weight at 0.3, 0.5 and 0.7, and ``auto`` on
-   the held-out training queries (MERGE_QUERIES per source, every training source).
+4. ``merge``: ``peg-rag merge BASE C`` with C's weight at 0.3, 0.5 and 0.7, ``auto`` on the
+   held-out training queries (MERGE_QUERIES per source, every training source), and
+   ``auto-all`` on those plus MERGE_QUERIES other queries of each left-out source.
 5. ``eval``: per query nDCG@10 (dense, max length 512) on kuake-qtr-dev, cmedir-dev,
    cmrc2018-dev and the held-out-source sets, and stsb-zh's Spearman, for the base model and
    every model (study_eval.py); a model with the same weights as one evaluated before (auto
@@ -45,6 +46,8 @@ import results_file
 import study_eval as study
 from results_file import header, update_section
 
+from peg_rag.core.records import read_jsonl
+
 STAGES = ("prepare", "mine", "train", "merge", "eval", "report")
 LEFT_OUT = ("drcd", "paraphrase-finance")
 HELD_QUERIES = 500
@@ -59,8 +62,12 @@ RUNS = {
     "C + anchor 10": ["--anchor-weight", "10"],
     "C + mix 0.25": ["--mix-general", "0.25", "--general-sources", GENERAL],
 }
-MERGES = ("0.3", "0.5", "0.7", "auto")  # C's weight; the base model gets the rest
+# C's weight; the base model gets the rest. auto: validation on the training sources' held-out
+# queries; auto-all: also on MERGE_QUERIES queries of each left-out source, none of them in its
+# held-out set (what a user who also cares about those domains would set aside).
+MERGES = ("0.3", "0.5", "0.7", "auto", "auto-all")
 MERGE_QUERIES = 50
+MERGE_DISTRACTORS = 1000  # auto-all: bounds the search's time on the large left-out corpora
 # --smoke: small sources, a 1-layer model, 4 steps, evaluation on a few queries.
 SMOKE_PLAN = {"kuake-qtr": (40, 1.0), "paraphrase-medical": (40, 1.0), GENERAL: (20, 1.0)}
 SMOKE_VALIDATION = {"paraphrase-medical": 10, GENERAL: 5}
@@ -82,26 +89,30 @@ def heldout_sets(work: Path) -> dict[str, Path]:
 # --- 1. prepare -----------------------------------------------------------------------
 
 
-def heldout_set(work: Path, source: str, count: int) -> None:
-    """``count`` seeded queries of a left-out source against its distinct texts: drcd's
-    passages, or every text of paraphrase-finance but the sampled queries' own."""
+def heldout_set(
+    work: Path, source: str, name: str, count: int, skip: frozenset[str] = frozenset()
+) -> None:
+    """Folder ``name``: ``count`` seeded queries of a left-out source (none of the ``skip``
+    texts) against its distinct texts: drcd's passages, or every text of paraphrase-finance
+    but the sampled queries' own."""
     lines = peg.merged_lines(source)
-    held = random.Random(f"{peg.SEED}-heldout-{source}").sample(lines, count)
+    candidates = [line for line in lines if line["query"] not in skip]
+    held = random.Random(f"{peg.SEED}-{name}").sample(candidates, count)
     texts = [p for line in lines for p in line["pos"]]
     if source != "drcd":  # paraphrases: any text of the source may be a query's match
         asked = {peg.squeeze(line["query"]) for line in held}
         texts += [line["query"] for line in lines]
         texts = [t for t in texts if peg.squeeze(t) not in asked]
     corpus = {f"d{i}": text for i, text in enumerate(dict.fromkeys(texts))}
-    kept = peg.write_validation(work / "data" / f"heldout-{source}", held, corpus)
-    log(f"heldout-{source}: {kept} queries, {len(corpus)} documents")
+    kept = peg.write_validation(work / "data" / name, held, corpus)
+    log(f"{name}: {kept} queries, {len(corpus)} documents")
 
 
 def prepare(work: Path, smoke: bool) -> None:
     if (work / "data" / "prepared.json").exists():
         return
     for source in LEFT_OUT:
-        heldout_set(work, source, SMOKE_HELD if smoke else HELD_QUERIES)
+        heldout_set(work, source, f"heldout-{source}", SMOKE_HELD if smoke else HELD_QUERIES)
     peg.prepare(work, *plan(smoke))  # writes prepared.json last
 
 
@@ -139,6 +150,20 @@ def train_job(work: Path, smoke: bool, run: str) -> list[peg.Job]:
 # --- 4. merge -------------------------------------------------------------------------
 
 
+def leftout_validation(work: Path, smoke: bool) -> list[str]:
+    """auto-all's extra folders, ``val-<source>``, written on first use."""
+    folders = []
+    for source in LEFT_OUT:
+        folder = work / "data" / f"val-{source}"
+        if not (folder / "qrels" / "test.tsv").is_file():
+            queries = work / "data" / f"heldout-{source}" / "queries.jsonl"
+            asked = frozenset(read_jsonl(queries, lambda record, _: record["text"]))
+            count = SMOKE_VALIDATION[GENERAL] if smoke else MERGE_QUERIES
+            heldout_set(work, source, folder.name, count, asked)
+        folders.append(str(folder))
+    return folders
+
+
 def merge_jobs(work: Path, smoke: bool) -> list[peg.Job]:
     jobs = []
     tuned = work / "runs" / "C" / "model"
@@ -146,11 +171,15 @@ def merge_jobs(work: Path, smoke: bool) -> list[peg.Job]:
         output = model_path(work, smoke, f"merge {weight}")
         if output.is_dir():
             continue
-        weights = ["auto"] if weight == "auto" else [f"{1 - float(weight):g}", weight]
+        automatic = weight.startswith("auto")
+        weights = ["auto"] if automatic else [f"{1 - float(weight):g}", weight]
         command = [peg.PEG_RAG, "merge", str(study.base_model(work, smoke)), str(tuned)]
         command += ["--weights", *weights, "--output", str(output)]
-        if weight == "auto":
+        if automatic:
             folders = [f for f in peg.validation_sets(work, plan(smoke)[1]) if "val-" in f]
+            if weight == "auto-all":
+                folders += leftout_validation(work, smoke)
+                command += ["--max-distractors", str(MERGE_DISTRACTORS)]
             command += ["--validation", *folders, "--max-queries", str(MERGE_QUERIES)]
             command += ["--max-length", str(peg.MAX_LENGTH)]
         jobs.append((f"merge/{weight}", command))
@@ -266,7 +295,11 @@ def report(work: Path, smoke: bool) -> None:
     plot_file = (
         work / "forgetting_study.png" if smoke else Path(__file__).with_name("forgetting_study.png")
     )
-    plot(list(evals)[1:], gain, lambda n: worst(n)[0], plot_file)
+    labels = {name: name for name in model_names()[1:] if not twins[name]}
+    for name, same in twins.items():
+        if same:
+            labels[same] += f" = {name}"  # one point, not two labels printed over each other
+    plot(labels, gain, lambda n: worst(n)[0], plot_file)
     body = "\n".join(
         [
             header("Forgetting (issue 15): in-domain gain against held-out sources"),
@@ -276,8 +309,10 @@ def report(work: Path, smoke: bool) -> None:
             f"({HELD_QUERIES} queries each); {GENERAL} is the general source left in training.",
             "- Anchoring: " + "; ".join(f"{n}: `{' '.join(f)}`" for n, f in RUNS.items() if f),
             f"- Merges: `peg-rag merge BASE C --weights {{1 - w}} {{w}}` for w in "
-            f"{', '.join(MERGES[:-1])}, and `--weights auto` on the held-out training queries "
-            f"({MERGE_QUERIES} per source).",
+            f"{', '.join(MERGES[:3])}; `--weights auto` on the held-out training queries "
+            f"({MERGE_QUERIES} per source); auto-all: the same, plus {MERGE_QUERIES} queries of "
+            "each left-out source that are not in its held-out set (`val-<source>`), with "
+            f"`--max-distractors {MERGE_DISTRACTORS}`.",
             *(
                 f"- {name} has the same weights as {same}; its evaluation is that model's."
                 for name, same in twins.items()
@@ -310,18 +345,22 @@ def report(work: Path, smoke: bool) -> None:
 
 
 def plot(
-    names: list[str], gain: Callable[[str], float], drop: Callable[[str], float], target: Path
+    labels: dict[str, str],
+    gain: Callable[[str], float],
+    drop: Callable[[str], float],
+    target: Path,
 ) -> None:
-    """Each model's in-domain gain against its largest held-out-source drop."""
+    """Each model's in-domain gain against its largest held-out-source drop; ``labels`` maps
+    the models to plot to their labels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axis = plt.subplots(figsize=(7, 5))
-    for name in names:
+    for name, label in labels.items():
         axis.scatter(drop(name), gain(name))
-        axis.annotate(name, (drop(name), gain(name)), fontsize=8)
+        axis.annotate(label, (drop(name), gain(name)), fontsize=8)
     axis.axvline(-0.5, color="grey", linestyle="--", linewidth=0.8)
     axis.axhline(0.8 * gain("C"), color="grey", linestyle="--", linewidth=0.8)
     axis.set_xlabel("largest held-out-source change vs base (nDCG@10 x 100)")
