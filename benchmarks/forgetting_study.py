@@ -8,7 +8,7 @@ the base model afterwards. One command, resumable, sized for 2 cores.
 ``--work`` defaults to ``bench/forgetting`` in peg-rag's cache directory; ``--lock`` as in
 reproduce_peg.py. Stages, each skipped where its output exists (a killed training run resumes
 from its last checkpoint); about 9 hours on 2 cores (4 runs of 50 minutes to 2 hours, the
-auto merge's 45-minute search, and 9 models to evaluate at about 22 minutes each):
+auto searches of 45 and 16 minutes, and up to 10 models to evaluate at about 22 minutes each):
 
 1. ``prepare``: reproduce_peg.py's subsample and validation sets without the LEFT_OUT
    sources, and one held-out retrieval set per left-out source, in BEIR layout:
