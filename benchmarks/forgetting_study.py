@@ -295,10 +295,10 @@ def report(work: Path, smoke: bool) -> None:
     plot_file = (
         work / "forgetting_study.png" if smoke else Path(__file__).with_name("forgetting_study.png")
     )
-    labels = {name: name for name in model_names()[1:] if not twins[name]}
-    for name, same in twins.items():
-        if same:
-            labels[same] += f" = {name}"  # one point, not two labels printed over each other
+    labels: dict[str, str] = {}  # twins share one point, not two labels printed over each other
+    for name in model_names()[1:]:
+        point = twins[name] or name  # may be the base model
+        labels[point] = f"{labels.get(point, point)} = {name}" if point != name else name
     plot(labels, gain, lambda n: worst(n)[0], plot_file)
     body = "\n".join(
         [
