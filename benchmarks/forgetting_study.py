@@ -34,7 +34,7 @@ auto searches of 45 and 16 minutes, and up to 10 models to evaluate at about 22 
 
 from __future__ import annotations
 
-import filecmp
+import hashlib
 import random
 import shutil
 import sys
@@ -216,20 +216,25 @@ def eval_jobs(work: Path, smoke: bool) -> list[peg.Job]:
     return jobs
 
 
-def twin(work: Path, smoke: bool, name: str) -> str | None:
-    """An earlier model in ``model_names()`` whose weights file is byte-identical to ``name``'s
-    (``auto`` may choose one of the given splits); evaluating it again would repeat a record."""
-    names = model_names()
-    weights = model_path(work, smoke, name) / "model.safetensors"
-    for other in names[: names.index(name)]:
-        candidate = model_path(work, smoke, other) / "model.safetensors"
-        if candidate.is_file() and filecmp.cmp(weights, candidate, shallow=False):
-            return other
-    return None
+def twins(work: Path, smoke: bool) -> dict[str, str | None]:
+    """Each model in ``model_names()`` -> the first earlier one whose weights file is
+    byte-identical (``auto`` may choose one of the given splits), or None. Evaluating a twin
+    again would repeat a record. Each file is read once, to hash it."""
+    first: dict[str, str] = {}
+    found: dict[str, str | None] = {}
+    for name in model_names():
+        weights = model_path(work, smoke, name) / "model.safetensors"
+        if not weights.is_file():
+            found[name] = None
+            continue
+        digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+        earlier = first.setdefault(digest, name)
+        found[name] = earlier if earlier != name else None
+    return found
 
 
 def evaluate(work: Path, smoke: bool, name: str) -> None:
-    same = twin(work, smoke, name)
+    same = twins(work, smoke)[name]
     done = work / "eval" / f"{study.folder_name(same)}.json" if same else None
     if done is not None and done.is_file():
         shutil.copyfile(done, work / "eval" / f"{study.folder_name(name)}.json")
@@ -291,13 +296,13 @@ def report(work: Path, smoke: bool) -> None:
         ">= -0.50): " + ("**meets both**" if name in meets else "**misses**")
         for name in model_names()[1:]
     ]
-    twins = {name: twin(work, smoke, name) for name in model_names()}  # reads every weights file
+    same_as = twins(work, smoke)
     plot_file = (
         work / "forgetting_study.png" if smoke else Path(__file__).with_name("forgetting_study.png")
     )
     labels: dict[str, str] = {}  # twins share one point, not two labels printed over each other
     for name in model_names()[1:]:
-        point = twins[name] or name  # may be the base model
+        point = same_as[name] or name  # may be the base model
         labels[point] = f"{labels.get(point, point)} = {name}" if point != name else name
     plot(labels, gain, lambda n: worst(n)[0], plot_file)
     body = "\n".join(
@@ -309,13 +314,14 @@ def report(work: Path, smoke: bool) -> None:
             f"({HELD_QUERIES} queries each); {GENERAL} is the general source left in training.",
             "- Anchoring: " + "; ".join(f"{n}: `{' '.join(f)}`" for n, f in RUNS.items() if f),
             f"- Merges: `peg-rag merge BASE C --weights {{1 - w}} {{w}}` for w in "
-            f"{', '.join(MERGES[:3])}; `--weights auto` on the held-out training queries "
+            f"{', '.join(w for w in MERGES if not w.startswith('auto'))}; "
+            "`--weights auto` on the held-out training queries "
             f"({MERGE_QUERIES} per source); auto-all: the same, plus {MERGE_QUERIES} queries of "
             "each left-out source that are not in its held-out set (`val-<source>`), with "
             f"`--max-distractors {MERGE_DISTRACTORS}`.",
             *(
                 f"- {name} has the same weights as {same}; its evaluation is that model's."
-                for name, same in twins.items()
+                for name, same in same_as.items()
                 if same
             ),
             f"- Intervals: paired bootstrap, {study.BOOTSTRAP_DRAWS} draws of the queries, 95%.",
