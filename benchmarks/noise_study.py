@@ -6,8 +6,9 @@ and what a reranker's guard and distillation add. One command, resumable, sized 
 
 ``--work`` defaults to ``bench/noise`` in peg-rag's cache directory; ``--lock`` as in
 reproduce_peg.py. Stages, each skipped where its output exists (a killed training run resumes
-from its last checkpoint); about 13 hours in all on 2 cores (9 embedder runs of ~50 minutes,
-2 reranker runs of ~70, 10 evaluations of ~15, mining and scoring):
+from its last checkpoint); about 16 hours in all on 2 cores (7 C runs of ~80 minutes, as
+each step embeds 448 texts, 2 A runs of ~30, 2 reranker runs of ~70, 10 evaluations of ~15,
+mining and scoring):
 
 1. ``prepare``: reproduce_peg.py's training subsample and held-out validation sets, and a
    noisy copy of the lines: for NOISE (40%) of the queries, drawn with a seed per query text,
