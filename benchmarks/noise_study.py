@@ -323,13 +323,10 @@ def timings(work: Path) -> dict[str, float]:
 
 
 def clean_counterpart(run: str, best: str) -> str:
-    """The clean-data run that a noisy run is measured against: the same recipe, less the
-    guard, which only exists for noisy data (so "noisy C-best + guard" maps to clean C-best)."""
-    if run == "noisy C-best + guard":
-        return f"clean {best}"
-    if run == "noisy C-best + guard + distill":
-        return "clean C-best + distill"
-    return run.replace("noisy", "clean", 1)
+    """The clean-data run that a noisy run is measured against: the same recipe less the
+    guard, which only exists for noisy data ("noisy C-best + guard" -> the clean C-best)."""
+    twin = run.replace("noisy", "clean", 1).replace(" + guard", "")
+    return f"clean {best}" if twin == "clean C-best" else twin
 
 
 def report(work: Path, smoke: bool) -> None:
