@@ -1,42 +1,48 @@
 """The noisy-label study (issue 14): which reading of progressive learning resists label noise,
 and what a reranker's guard and distillation add. One command, resumable, sized for 2 cores.
 
-    python benchmarks/noise_study.py [--work DIR] [--lock FILE] [--stages ...]
+    python benchmarks/noise_study.py [--work DIR] [--lock FILE] [--stages ...] [--runs ...]
     python benchmarks/noise_study.py --smoke     # the whole pipeline, tiny, a few minutes
 
-``--work`` defaults to ``bench/noise`` in peg-rag's cache directory; ``--lock`` as in
-reproduce_peg.py. Stages, each skipped where its output exists (a killed training run resumes
-from its last checkpoint); about 16 hours in all on 2 cores (7 C runs of ~80 minutes, as
-each step embeds 448 texts, 2 A runs of ~30, 2 reranker runs of ~70, 10 evaluations of ~15,
-mining and scoring):
+``--work`` (scratch files) defaults to ``bench/noise`` in peg-rag's cache directory; ``--lock``
+as in reproduce_peg.py. About 16 hours on 2 cores: 7 C runs of ~80 minutes (each step embeds
+448 texts), 2 A runs of ~30, 2 reranker runs of ~70, 10 evaluations of ~15, mining, scoring.
+
+That is more than one session on a machine that keeps nothing between sessions, so finished
+work goes into a ledger in git, ``benchmarks/noise_runs/`` (with ``--smoke``, in the work
+folder), and whatever it holds is skipped: a model's evaluation, and each training folder as
+text keys and teacher scores (the data itself stays out of git). ``--runs`` picks what to do
+(in that order; default: everything), so that a session can choose what fits its time.
 
 1. ``prepare``: reproduce_peg.py's training subsample and held-out validation sets, and a
    noisy copy of the lines: for NOISE (40%) of the queries, drawn with a seed per query text,
    the positives are replaced by those of a random other line of the same source. The draw
    depends only on the text, so the teacher's subsample of a source gets the same noise.
    ``data/noise.json`` lists the corrupted lines' queries.
-2. ``teacher``: reproduce_reranker.py's recipe (prepare, mine, train) twice: in
-   ``teacher-noisy/`` with its training and held-out lines corrupted the same way (the
-   teacher never sees the truth), and in ``teacher-clean/`` unchanged, for distillation on
-   clean data.
-3. ``mine``: ``peg-rag mine`` with the base model as in reproduce_peg.py, of the clean and the
-   noisy lines, and of the noisy lines guarded by the noisy teacher (its default rule: drop
-   candidates it scores above the line's positive).
-4. ``score``: ``peg-rag score`` (ONNX Runtime int8) of the guarded noisy lines by the noisy
-   teacher, and of the clean mined lines by the clean teacher.
-5. ``train``: RUNS, from trainer/configs/ablation-a.yaml (A) and ablation-c.yaml (C). Every
-   run logs each line's weight and p_positive (``log_line_weights``). "C-best" is the C
-   weighting whose noisy run ends with the higher mean nDCG@10 on the held-out validation
-   queries (clean labels: a small leak of the truth, limited to this one choice).
-6. ``eval``: per query nDCG@10 (dense, max length 512) on kuake-qtr-dev, cmedir-dev and
-   cmrc2018-dev, and per pair cosines on stsb-zh, for the base model and every run.
-7. ``report``: the table, paired-bootstrap 95% intervals of the differences, each weighting's
-   AUC at flagging the corrupted lines, wall times, ``benchmarks/noise_study.png`` and the
-   "Noisy labels (issue 14)" section of RESULTS.md (with ``--smoke``: both in the work folder).
+2. ``runs``: for each of ``base`` and RUNS, its training data, its training and its
+   evaluation, recorded in the ledger. The training data:
+   - ``mined-clean`` and ``mined-noisy``: ``peg-rag mine`` with the base model as in
+     reproduce_peg.py;
+   - ``scored-guarded`` (and ``mined-guarded``, the same lines without scores): the noisy
+     teacher, reproduce_reranker.py's recipe in ``teacher-noisy/`` with its training and
+     held-out lines corrupted the same way (it never sees the truth), guards the mining of
+     the noisy lines (its default rule: drop candidates it scores above the line's
+     positive), then scores them (``peg-rag score``, ONNX Runtime int8);
+   - ``scored-clean``: the clean teacher (``teacher-clean/``) scores ``mined-clean``.
+   Runs train from trainer/configs/ablation-a.yaml (A) and ablation-c.yaml (C); each logs
+   its lines' weights and p_positive (``log_line_weights``), from which the ledger keeps the
+   AUC at flagging the corrupted lines. "C-best" is the C weighting whose noisy run ends with
+   the higher mean nDCG@10 on the held-out validation queries (clean labels: a small leak of
+   the truth, limited to this one choice). An evaluation is per query nDCG@10 (dense, max
+   length 512) on kuake-qtr-dev, cmedir-dev and cmrc2018-dev, and per pair cosines on stsb-zh.
+3. ``report``: from the ledger, the table, paired-bootstrap 95% intervals of the differences,
+   the AUCs, wall times, ``benchmarks/noise_study.png`` and the "Noisy labels (issue 14)"
+   section of RESULTS.md (with ``--smoke``: both in the work folder).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import sys
@@ -51,8 +57,12 @@ import results_file
 import study_eval as study
 from results_file import header, update_section
 
+from peg_rag.core.files import read_json, write_json
+from peg_rag.trainer.mine import read_corpus
+
 NOISE = 0.4
-STAGES = ("prepare", "teacher", "mine", "score", "train", "eval", "report")
+LEDGER = Path(__file__).with_name("noise_runs")
+STAGES = ("prepare", "runs", "report")
 RETRIEVAL_SETS = peg.RETRIEVAL_SETS
 QUALITY = ("kuake-qtr-dev", "cmedir-dev")  # the robustness goal: their mean nDCG@10
 DISTILL = ["--distill-weight", "1.0"]  # teacher_temperature: the trainer's default (1.0)
@@ -142,8 +152,12 @@ def prepare(work: Path, smoke: bool) -> None:
 # --- 2. teacher -----------------------------------------------------------------------
 
 
+def teacher_name(noisy: bool) -> str:
+    return "teacher-noisy" if noisy else "teacher-clean"
+
+
 def teacher_dir(work: Path, noisy: bool) -> Path:
-    return work / ("teacher-noisy" if noisy else "teacher-clean")
+    return work / teacher_name(noisy)
 
 
 def train_teacher(work: Path, smoke: bool, noisy: bool, lock: str | None) -> None:
@@ -165,63 +179,173 @@ def teacher_model(work: Path, noisy: bool) -> Path:
     return teacher_recipe.reranker_dir(teacher_dir(work, noisy))
 
 
-# --- 3. mine and 4. score -------------------------------------------------------------
+# --- 3. training data ----------------------------------------------------------------
+
+# Mined folders: (lines mined, guarded by the noisy teacher).
+MINED = {"mined-clean": ("train", False), "mined-noisy": ("noisy", False)}
+MINED["mined-guarded"] = ("noisy", True)
+# Each training folder is made once and recorded in the ledger, which later sessions rebuild
+# it from: the guarded lines come from the record of their scored copy.
+RECORDS = ("mined-clean", "mined-noisy", "scored-guarded", "scored-clean")
+# Scored folders: (the mined folder their teacher scores, noisy teacher).
+SCORED = {"scored-guarded": ("mined-guarded", True), "scored-clean": ("mined-clean", False)}
+TEACHER_RECORDS = tuple(SCORED)
 
 
-def mine_jobs(work: Path, smoke: bool) -> list[peg.Job]:
-    data, model = work / "data", study.base_model(work, smoke)
-    guard = ["--reranker", str(teacher_model(work, noisy=True))]
+def record_name(folder: str) -> str:
+    return "scored-guarded" if folder == "mined-guarded" else folder
+
+
+def lines_folder(folder: str) -> str:
+    """The prepared lines ("train" or "noisy") that a training folder was mined from."""
+    return MINED[SCORED[folder][0] if folder in SCORED else folder][0]
+
+
+def mine_jobs(work: Path, smoke: bool, target: str) -> list[peg.Job]:
+    """``peg-rag mine`` with the base model of each source into data/TARGET."""
+    data, (lines, guarded) = work / "data", MINED[target]
+    model = study.base_model(work, smoke)
+    extra = ["--reranker", str(teacher_model(work, noisy=True))] if guarded else []
     jobs = []
-    for lines, target, extra in (
-        ("train", "mined-clean", []),
-        ("noisy", "mined-noisy", []),
-        ("noisy", "mined-guarded", guard),
-    ):
-        for source in plan(smoke)[0]:
-            out = data / target / f"{source}.jsonl"
-            if not out.exists():
-                out.parent.mkdir(parents=True, exist_ok=True)
-                pool = data / "pool" / f"{source}.jsonl"
-                command = peg.mine_command(data / lines / f"{source}.jsonl", out, pool, model)
-                jobs.append((f"mine/{target}/{source}", command + extra))
+    for source in plan(smoke)[0]:
+        out = data / target / f"{source}.jsonl"
+        if not out.exists():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            pool = data / "pool" / f"{source}.jsonl"
+            command = peg.mine_command(data / lines / f"{source}.jsonl", out, pool, model)
+            jobs.append((f"mine/{target}/{source}", command + extra))
     return jobs
 
 
-def score_jobs(work: Path) -> list[peg.Job]:
-    """Teacher scores: the noisy teacher's of the guarded noisy lines, the clean teacher's of
-    the clean mined lines."""
+def score_jobs(work: Path, target: str) -> list[peg.Job]:
+    """``peg-rag score`` (ONNX Runtime int8) of SCORED[target]'s mined lines by its teacher."""
+    data, (mined, noisy) = work / "data", SCORED[target]
+    jobs = []
+    for path in sorted((data / mined).glob("*.jsonl")):
+        out = data / target / path.name
+        if not out.exists():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            command = [peg.PEG_RAG, "score", str(path), "--output", str(out)]
+            command += ["--reranker", str(teacher_model(work, noisy))]
+            command += ["--backend", "onnx", "--quantize", "int8"]
+            jobs.append((f"score/{target}/{path.stem}", command))
+    return jobs
+
+
+def make_data(work: Path, smoke: bool, record: str, lock: str | None) -> None:
+    """data/RECORD as the recipe makes it: mined, or mined and scored by a teacher."""
+    if record in MINED:
+        peg.run_all(work, mine_jobs(work, smoke, record), lock)
+        return
+    mined, noisy = SCORED[record]
+    if not noisy:
+        training_data(work, smoke, mined, lock)
+    train_teacher(work, smoke, noisy, lock)
+    peg.run_all(work, mine_jobs(work, smoke, mined), lock)
+    peg.run_all(work, score_jobs(work, record), lock)
+
+
+def text_key(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def read_lines(path: Path) -> list[dict]:
+    return [json.loads(raw) for raw in path.read_text(encoding="utf-8").splitlines()]
+
+
+def pack(path: Path) -> dict[str, list]:
+    """A made file without its texts: each line's negatives as text keys, and its teacher
+    scores when it has them."""
+    lines = read_lines(path)
+    packed = {"neg": [[text_key(t) for t in line["neg"]] for line in lines]}
+    for field in ("pos_scores", "neg_scores"):
+        if field in lines[0]:
+            packed[field] = [line[field] for line in lines]
+    return packed
+
+
+def unpack(work: Path, folder: str, source: str, packed: dict[str, list]) -> list[dict]:
+    """The lines of data/FOLDER that ``pack`` packed, from the lines they were mined from and
+    the source's pool (``prepare`` makes both the same in every session); with their scores
+    in a scored folder."""
     data = work / "data"
-    jobs = []
-    for mined, target, noisy in (
-        ("mined-guarded", "scored-guarded", True),
-        ("mined-clean", "scored-clean", False),
-    ):
-        for path in sorted((data / mined).glob("*.jsonl")):
-            out = data / target / path.name
-            if not out.exists():
-                out.parent.mkdir(parents=True, exist_ok=True)
-                command = [peg.PEG_RAG, "score", str(path), "--output", str(out)]
-                command += ["--reranker", str(teacher_model(work, noisy))]
-                command += ["--backend", "onnx", "--quantize", "int8"]
-                jobs.append((f"score/{target}/{path.stem}", command))
-    return jobs
+    lines = read_lines(data / lines_folder(folder) / f"{source}.jsonl")
+    texts = read_corpus([data / "pool" / f"{source}.jsonl"])
+    by_key = {text_key(t): t for t in [*texts, *(t for x in lines for t in x["pos"] + x["neg"])]}
+    fields = [f for f in ("pos_scores", "neg_scores") if f in packed and folder in SCORED]
+    return [
+        {**line, "neg": [by_key[k] for k in packed["neg"][n]], **{f: packed[f][n] for f in fields}}
+        for n, line in enumerate(lines)
+    ]
 
 
-# --- 5. train -------------------------------------------------------------------------
+def record_data(work: Path, smoke: bool, record: str, lock: str | None) -> None:
+    """Make data/RECORD and write its ledger record (``pack``; no text, as the data stays
+    out of git), after checking that it rebuilds the files exactly."""
+    make_data(work, smoke, record, lock)
+    made = work / "data" / record
+    files = {p.stem: pack(p) for p in sorted(made.glob("*.jsonl"))}
+    for source, packed in files.items():
+        if unpack(work, record, source, packed) != read_lines(made / f"{source}.jsonl"):
+            raise RuntimeError(f"{record}/{source}.jsonl: its packed lines rebuild differently")
+    found: dict = {"files": files}
+    if record in SCORED:  # the teacher's wall times and validation, for the report
+        teacher = teacher_dir(work, SCORED[record][1])
+        output = teacher / "runs" / "reranker"
+        best = output / "best-model" / "best.json"
+        found["teacher"] = {
+            "seconds": timings(teacher),
+            "validation": last_evaluation(output / "log.jsonl"),
+            "best": read_json(best) if best.exists() else None,
+        }
+    write_json(ledger(work, smoke) / f"{record}.json", found, indent=None)
+
+
+def training_data(work: Path, smoke: bool, folder: str, lock: str | None) -> None:
+    """data/FOLDER, rebuilt from its ledger record; made and recorded first when no session
+    has recorded it."""
+    record = record_name(folder)
+    path = ledger(work, smoke) / f"{record}.json"
+    if not path.exists():
+        record_data(work, smoke, record, lock)
+    for source, packed in read_json(path)["files"].items():
+        target = work / "data" / folder / f"{source}.jsonl"
+        if not target.exists():
+            peg.write_jsonl(target, unpack(work, folder, source, packed))
+
+
+# --- 4. runs: train, evaluate, record -------------------------------------------------
+
+
+def ledger(work: Path, smoke: bool) -> Path:
+    """Where finished work is recorded: in git (benchmarks/noise_runs/), since the study
+    spans sessions on machines that keep nothing; with --smoke, in the work folder."""
+    return work / "noise_runs" if smoke else LEDGER
+
+
+def last_evaluation(log_file: Path) -> dict[str, float]:
+    """The metrics of a training log's last evaluation."""
+    rows = [r for r in peg.read_log(log_file) if any(k.startswith("eval/") for k in r)]
+    return {k: v for k, v in rows[-1].items() if k.startswith("eval/")}
 
 
 def final_validation(work: Path, run: str) -> float:
     """Mean nDCG@10 over the validation sets at the run's last evaluation."""
-    rows = peg.read_log(work / "runs" / study.folder_name(run) / "log.jsonl")
-    last = [r for r in rows if any(k.startswith("eval/val-") for k in r)][-1]
+    last = last_evaluation(work / "runs" / study.folder_name(run) / "log.jsonl")
     values = [v for k, v in last.items() if k.startswith("eval/val-") and k.endswith("ndcg@10")]
     return sum(values) / len(values)
 
 
-def best_weighting(work: Path) -> str:
+def best_weighting(records: Path) -> str:
     """The C weighting (a key of WEIGHTINGS) whose noisy run scores higher on the held-out
     validation queries."""
-    return max(WEIGHTINGS, key=lambda name: final_validation(work, f"noisy {name}"))
+    found = {}
+    for name in WEIGHTINGS:
+        path = records / f"{study.folder_name(f'noisy {name}')}.json"
+        if not path.exists():
+            raise RuntimeError(f"the C-best runs need the noisy {name} run first ({path})")
+        found[name] = read_json(path)["validation"]
+    return max(found, key=found.__getitem__)
 
 
 def train_job(work: Path, smoke: bool, run: str) -> list[peg.Job]:
@@ -230,7 +354,8 @@ def train_job(work: Path, smoke: bool, run: str) -> list[peg.Job]:
         return []
     folder, config, extra = RUNS[run]
     if "best" in extra:
-        extra = [*WEIGHTINGS[best_weighting(work)], *[e for e in extra if e != "best"]]
+        best = best_weighting(ledger(work, smoke))
+        extra = [*WEIGHTINGS[best], *[e for e in extra if e != "best"]]
     command = peg.train_command(
         peg.config_path(config),
         work / "data" / folder,
@@ -243,24 +368,10 @@ def train_job(work: Path, smoke: bool, run: str) -> list[peg.Job]:
     return [(f"train/{run}", command + (study.SMOKE_TRAIN if smoke else []))]
 
 
-# --- 6. eval --------------------------------------------------------------------------
-
-
 def model_path(work: Path, smoke: bool, name: str) -> Path:
     if name == "base":
         return study.base_model(work, smoke)
     return work / "runs" / study.folder_name(name) / "model"
-
-
-def eval_jobs(work: Path, smoke: bool) -> list[peg.Job]:
-    jobs = []
-    for name in ["base", *RUNS]:
-        if (work / "eval" / f"{study.folder_name(name)}.json").exists():
-            continue
-        command = [sys.executable, str(Path(__file__).resolve()), "--work", str(work)]
-        command += ["--evaluate", name, *(["--smoke"] if smoke else [])]
-        jobs.append((f"eval/{name}", command))
-    return jobs
 
 
 def evaluate(work: Path, smoke: bool, name: str) -> None:
@@ -275,7 +386,37 @@ def evaluate(work: Path, smoke: bool, name: str) -> None:
     )
 
 
-# --- 7. report ------------------------------------------------------------------------
+def rounded(value):
+    """``value`` with its floats to 6 places: the ledger stays small, the intervals equal."""
+    if isinstance(value, float):
+        return round(value, 6)
+    if isinstance(value, dict):
+        return {k: rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [rounded(v) for v in value]
+    return value
+
+
+def run_model(work: Path, smoke: bool, name: str, lock: str | None) -> None:
+    """Train a run (its data first), evaluate it (or the base model), and record both in
+    the ledger; skipped when the ledger has it."""
+    target = ledger(work, smoke) / f"{study.folder_name(name)}.json"
+    if target.exists():
+        return
+    if name != "base":
+        training_data(work, smoke, RUNS[name][0], lock)
+        peg.run_all(work, train_job(work, smoke, name), lock)
+    command = [sys.executable, str(Path(__file__).resolve()), "--work", str(work)]
+    command += ["--evaluate", name, *(["--smoke"] if smoke else [])]
+    peg.run_all(work, [(f"eval/{name}", command)], lock)
+    record = {"eval": study.load(work / "eval" / f"{study.folder_name(name)}.json")}
+    jobs = (f"train/{name}", f"eval/{name}")
+    record["seconds"] = {k: v for k, v in timings(work).items() if k in jobs}
+    if name != "base":
+        record["validation"] = final_validation(work, name)
+    if name.startswith("noisy"):
+        record["auc"] = noise_auc(work, name)
+    write_json(target, rounded(record), indent=None)
 
 
 def auc(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -310,16 +451,14 @@ def noise_auc(work: Path, run: str) -> dict[str, float]:
     return {"weight": auc(-weight, label), "p_positive": auc(-p, label), "lines": len(keys)}
 
 
-def timings(work: Path) -> dict[str, float]:
-    found = {}
-    for folder in (work, teacher_dir(work, True), teacher_dir(work, False)):
-        path = folder / "timings.json"
-        if path.exists():
-            prefix = "" if folder == work else f"{folder.name}/"
-            found.update(
-                {prefix + k: v["seconds"] for k, v in json.loads(path.read_text()).items()}
-            )
-    return found
+def timings(folder: Path) -> dict[str, float]:
+    """Seconds per job of a folder's timings.json (peg.run_all)."""
+    path = folder / "timings.json"
+    found = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    return {k: v["seconds"] for k, v in found.items()}
+
+
+# --- 5. report ------------------------------------------------------------------------
 
 
 def clean_counterpart(run: str, best: str) -> str:
@@ -330,12 +469,21 @@ def clean_counterpart(run: str, best: str) -> str:
 
 
 def report(work: Path, smoke: bool) -> None:
-    evals = {
-        name: study.load(work / "eval" / f"{study.folder_name(name)}.json")
-        for name in ["base", *RUNS]
-    }
-    walls = timings(work)
-    best = best_weighting(work)
+    """The RESULTS.md section from the ledger alone (and data/noise.json, from prepare)."""
+    records = ledger(work, smoke)
+    names = ["base", *RUNS, *TEACHER_RECORDS]
+    missing = [n for n in names if not (records / f"{study.folder_name(n)}.json").exists()]
+    if missing:
+        raise RuntimeError(f"no report yet: {records} lacks " + ", ".join(missing))
+    found = {n: read_json(records / f"{study.folder_name(n)}.json") for n in ["base", *RUNS]}
+    evals = {name: record["eval"] for name, record in found.items()}
+    aucs = {name: record["auc"] for name, record in found.items() if "auc" in record}
+    walls = {k: v for record in found.values() for k, v in record["seconds"].items()}
+    for name in TEACHER_RECORDS:
+        noisy = SCORED[name][1]
+        teacher = read_json(records / f"{name}.json")["teacher"]["seconds"]
+        walls.update({f"{teacher_name(noisy)}/{k}": v for k, v in teacher.items()})
+    best = best_weighting(records)
 
     def mean2(name: str) -> float:
         return sum(study.ndcg(evals[name], s) for s in QUALITY) / len(QUALITY)
@@ -373,7 +521,6 @@ def report(work: Path, smoke: bool) -> None:
         cells += [study.difference(evals[x], evals[y], s) for s in (*RETRIEVAL_SETS, study.STSB)]
         cells = [study.interval(c) for c in cells]
         diffs.append(f"| {x} - {y} | " + " | ".join(cells) + " |")
-    aucs = {run: noise_auc(work, run) for run in RUNS if run.startswith("noisy")}
     auc_rows = ["| noisy run | AUC of its weights | AUC of p_positive | lines |"]
     auc_rows.append("| --- | ---: | ---: | ---: |")
     for run, found in aucs.items():
@@ -489,25 +636,19 @@ def plot(evals: dict, aucs: dict, mean2: Callable[[str], float], target: Path) -
 
 
 def main() -> None:
-    args, work = study.study_arguments(__doc__, STAGES, "noise")
-    lock = args.lock
+    units = ("base", *RUNS, *TEACHER_RECORDS)
+    args, work = study.study_arguments(__doc__, STAGES, "noise", units)
     if args.evaluate:
         evaluate(work, args.smoke, args.evaluate)
         return
     if "prepare" in args.stages:
         prepare(work, args.smoke)
-    if "teacher" in args.stages:
-        for noisy in (True, False):
-            train_teacher(work, args.smoke, noisy, lock)
-    if "mine" in args.stages:
-        peg.run_all(work, mine_jobs(work, args.smoke), lock)
-    if "score" in args.stages:
-        peg.run_all(work, score_jobs(work), lock)
-    if "train" in args.stages:
-        for run in RUNS:  # one lock hold per run, so other jobs can go in between
-            peg.run_all(work, train_job(work, args.smoke, run), lock)
-    if "eval" in args.stages:
-        peg.run_all(work, eval_jobs(work, args.smoke), lock)
+    if "runs" in args.stages:
+        for name in args.runs:
+            if name in TEACHER_RECORDS:
+                training_data(work, args.smoke, name, args.lock)
+            else:
+                run_model(work, args.smoke, name, args.lock)
     if "report" in args.stages:
         report(work, args.smoke)
 

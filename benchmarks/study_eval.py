@@ -153,10 +153,11 @@ def interval(found: Interval) -> str:
 
 
 def study_arguments(
-    doc: str, stages: tuple[str, ...], name: str
+    doc: str, stages: tuple[str, ...], name: str, runs: tuple[str, ...] = ()
 ) -> tuple[argparse.Namespace, Path]:
     """A study script's command line: --work (default: bench/NAME, or NAME-smoke, in
-    peg-rag's cache), --lock, --stages, --smoke and the internal --evaluate MODEL."""
+    peg-rag's cache), --lock, --stages, --smoke and the internal --evaluate MODEL; with
+    ``runs``, also --runs (which of them, in order; default: all)."""
     from peg_rag.core.cache import cache_dir
 
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
@@ -169,6 +170,8 @@ def study_arguments(
     parser.add_argument("--stages", nargs="+", choices=stages, default=list(stages))
     parser.add_argument("--smoke", action="store_true", help="tiny end-to-end run")
     parser.add_argument("--evaluate", help="internal: evaluate one model (base or a run)")
+    if runs:
+        parser.add_argument("--runs", nargs="+", choices=runs, default=list(runs), metavar="RUN")
     args = parser.parse_args()
     args.lock = args.lock or None
     work = args.work or cache_dir() / "bench" / (f"{name}-smoke" if args.smoke else name)
