@@ -34,6 +34,7 @@ auto searches of 45 and 16 minutes, and up to 10 models to evaluate at about 22 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
 import shutil
@@ -216,25 +217,26 @@ def eval_jobs(work: Path, smoke: bool) -> list[peg.Job]:
     return jobs
 
 
-def twins(work: Path, smoke: bool) -> dict[str, str | None]:
-    """Each model in ``model_names()`` -> the first earlier one whose weights file is
-    byte-identical (``auto`` may choose one of the given splits), or None. Evaluating a twin
-    again would repeat a record. Each file is read once, to hash it."""
-    first: dict[str, str] = {}
-    found: dict[str, str | None] = {}
-    for name in model_names():
-        weights = model_path(work, smoke, name) / "model.safetensors"
-        if not weights.is_file():
-            found[name] = None
-            continue
-        digest = hashlib.sha256(weights.read_bytes()).hexdigest()
-        earlier = first.setdefault(digest, name)
-        found[name] = earlier if earlier != name else None
-    return found
+@functools.cache
+def weights_digest(model: Path) -> str | None:
+    """sha256 of a model's weights file (None without one); each file is read once."""
+    weights = model / "model.safetensors"
+    return hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else None
+
+
+def twin(work: Path, smoke: bool, name: str) -> str | None:
+    """The first model before NAME in ``model_names()`` whose weights file is byte-identical
+    (``auto`` may choose one of the given splits), or None. Evaluating a twin again would
+    repeat a record."""
+    digest = weights_digest(model_path(work, smoke, name))
+    names = model_names()
+    earlier = names[: names.index(name)]
+    same = (n for n in earlier if digest and weights_digest(model_path(work, smoke, n)) == digest)
+    return next(same, None)
 
 
 def evaluate(work: Path, smoke: bool, name: str) -> None:
-    same = twins(work, smoke)[name]
+    same = twin(work, smoke, name)
     done = work / "eval" / f"{study.folder_name(same)}.json" if same else None
     if done is not None and done.is_file():
         shutil.copyfile(done, work / "eval" / f"{study.folder_name(name)}.json")
@@ -296,7 +298,7 @@ def report(work: Path, smoke: bool) -> None:
         ">= -0.50): " + ("**meets both**" if name in meets else "**misses**")
         for name in model_names()[1:]
     ]
-    same_as = twins(work, smoke)
+    same_as = {name: twin(work, smoke, name) for name in model_names()}
     plot_file = (
         work / "forgetting_study.png" if smoke else Path(__file__).with_name("forgetting_study.png")
     )

@@ -43,7 +43,6 @@ text keys and teacher scores (the data itself stays out of git). ``--runs`` pick
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 import sys
 from collections import defaultdict
@@ -58,6 +57,7 @@ import study_eval as study
 from results_file import header, update_section
 
 from peg_rag.core.files import read_json, write_json
+from peg_rag.core.records import read_jsonl
 from peg_rag.trainer.mine import read_corpus
 
 NOISE = 0.4
@@ -113,7 +113,7 @@ def corrupt_files(files: list[Path], sources: dict[str, list[dict]]) -> dict[str
     {file name: the corrupted lines' queries}. Rewriting twice gives the same files."""
     corrupted = {}
     for path in files:
-        lines = [json.loads(raw) for raw in path.read_text(encoding="utf-8").splitlines()]
+        lines = read_lines(path)
         hit = []
         for line in lines:
             swapped = noisy_positives(path.stem, line["query"], sources[path.stem])
@@ -123,6 +123,10 @@ def corrupt_files(files: list[Path], sources: dict[str, list[dict]]) -> dict[str
         peg.write_jsonl(path, lines)
         corrupted[path.name] = hit
     return corrupted
+
+
+def read_lines(path: Path) -> list[dict]:
+    return list(read_jsonl(path, lambda record, _: record))
 
 
 def source_lines(names: list[str]) -> dict[str, list[dict]]:
@@ -142,8 +146,7 @@ def prepare(work: Path, smoke: bool) -> None:
         (noisy / f"{source}.jsonl").write_bytes((data / "train" / f"{source}.jsonl").read_bytes())
     files = sorted(noisy.glob("*.jsonl"))
     corrupted = corrupt_files(files, source_lines(list(train_plan)))
-    record = {"noise": NOISE, "corrupted": corrupted}
-    (data / "noise.json").write_text(json.dumps(record) + "\n", encoding="utf-8")
+    write_json(data / "noise.json", {"noise": NOISE, "corrupted": corrupted}, indent=None)
     for name, hit in corrupted.items():
         lines = len((noisy / name).read_text(encoding="utf-8").splitlines())
         log(f"{name}: {len(hit)} of {lines} lines corrupted")
@@ -170,7 +173,7 @@ def train_teacher(work: Path, smoke: bool, noisy: bool, lock: str | None) -> Non
         files = sorted((folder / "data" / "train").glob("*.jsonl"))
         files += sorted((folder / "data" / "held").glob("*.jsonl"))
         corrupted = corrupt_files(files, source_lines(sorted({f.stem for f in files})))
-        marker.write_text(json.dumps({"noise": NOISE, "corrupted": corrupted}) + "\n", "utf-8")
+        write_json(marker, {"noise": NOISE, "corrupted": corrupted}, indent=None)
     peg.run_all(folder, teacher_recipe.mine_jobs(folder, smoke), lock)
     peg.run_all(folder, teacher_recipe.train_jobs(folder, smoke), lock)
 
@@ -247,10 +250,6 @@ def make_data(work: Path, smoke: bool, record: str, lock: str | None) -> None:
 
 def text_key(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-
-
-def read_lines(path: Path) -> list[dict]:
-    return [json.loads(raw) for raw in path.read_text(encoding="utf-8").splitlines()]
 
 
 def pack(path: Path) -> dict[str, list]:
@@ -336,16 +335,19 @@ def final_validation(work: Path, run: str) -> float:
     return sum(values) / len(values)
 
 
-def best_weighting(records: Path) -> str:
-    """The C weighting (a key of WEIGHTINGS) whose noisy run scores higher on the held-out
-    validation queries."""
-    found = {}
-    for name in WEIGHTINGS:
-        path = records / f"{study.folder_name(f'noisy {name}')}.json"
-        if not path.exists():
-            raise RuntimeError(f"the C-best runs need the noisy {name} run first ({path})")
-        found[name] = read_json(path)["validation"]
-    return max(found, key=found.__getitem__)
+def read_records(records: Path, names: list[str], needed_by: str) -> dict[str, dict]:
+    """The ledger records of NAMES, or an error naming those not recorded yet."""
+    paths = {name: records / f"{study.folder_name(name)}.json" for name in names}
+    missing = [name for name, path in paths.items() if not path.exists()]
+    if missing:
+        raise RuntimeError(f"{needed_by} needs {', '.join(missing)} first (not in {records})")
+    return {name: read_json(path) for name, path in paths.items()}
+
+
+def best_weighting(found: dict[str, dict]) -> str:
+    """The C weighting (a key of WEIGHTINGS) whose noisy run (its record in FOUND) scores
+    higher on the held-out validation queries."""
+    return max(WEIGHTINGS, key=lambda name: found[f"noisy {name}"]["validation"])
 
 
 def train_job(work: Path, smoke: bool, run: str) -> list[peg.Job]:
@@ -354,7 +356,8 @@ def train_job(work: Path, smoke: bool, run: str) -> list[peg.Job]:
         return []
     folder, config, extra = RUNS[run]
     if "best" in extra:
-        best = best_weighting(ledger(work, smoke))
+        noisy_c = [f"noisy {name}" for name in WEIGHTINGS]
+        best = best_weighting(read_records(ledger(work, smoke), noisy_c, run))
         extra = [*WEIGHTINGS[best], *[e for e in extra if e != "best"]]
     command = peg.train_command(
         peg.config_path(config),
@@ -399,17 +402,21 @@ def rounded(value):
 
 def run_model(work: Path, smoke: bool, name: str, lock: str | None) -> None:
     """Train a run (its data first), evaluate it (or the base model), and record both in
-    the ledger; skipped when the ledger has it."""
+    the ledger; skipped when the ledger has it. An evaluation newer than the model's weights
+    (a session that ended before recording it) is recorded as it is."""
     target = ledger(work, smoke) / f"{study.folder_name(name)}.json"
     if target.exists():
         return
     if name != "base":
         training_data(work, smoke, RUNS[name][0], lock)
         peg.run_all(work, train_job(work, smoke, name), lock)
-    command = [sys.executable, str(Path(__file__).resolve()), "--work", str(work)]
-    command += ["--evaluate", name, *(["--smoke"] if smoke else [])]
-    peg.run_all(work, [(f"eval/{name}", command)], lock)
-    record = {"eval": study.load(work / "eval" / f"{study.folder_name(name)}.json")}
+    evaluation = work / "eval" / f"{study.folder_name(name)}.json"
+    weights = model_path(work, smoke, name) / "model.safetensors"
+    if not evaluation.exists() or evaluation.stat().st_mtime < weights.stat().st_mtime:
+        command = [sys.executable, str(Path(__file__).resolve()), "--work", str(work)]
+        command += ["--evaluate", name, *(["--smoke"] if smoke else [])]
+        peg.run_all(work, [(f"eval/{name}", command)], lock)
+    record = {"eval": study.load(evaluation)}
     jobs = (f"train/{name}", f"eval/{name}")
     record["seconds"] = {k: v for k, v in timings(work).items() if k in jobs}
     if name != "base":
@@ -429,12 +436,12 @@ def noise_auc(work: Path, run: str) -> dict[str, float]:
     """How well a run's second-half weights (and its p_positive) flag the corrupted lines:
     AUC of "lower means corrupted", per line averaged over its rows with gamma past half of
     its final value (all rows for runs without weighting)."""
-    corrupted = json.loads((work / "data" / "noise.json").read_text(encoding="utf-8"))
+    corrupted = read_json(work / "data" / "noise.json")
     bad = set()  # (file name, line number) of the corrupted lines in the run's training files
     for path in sorted((work / "data" / RUNS[run][0]).glob("*.jsonl")):
         hits = set(corrupted["corrupted"][path.name])
-        queries = (json.loads(raw)["query"] for raw in path.read_text("utf-8").splitlines())
-        bad |= {(path.name, n) for n, query in enumerate(queries, 1) if query in hits}
+        lines = enumerate(read_lines(path), 1)
+        bad |= {(path.name, n) for n, line in lines if line["query"] in hits}
     rows = peg.read_log(work / "runs" / study.folder_name(run) / "line_weights.jsonl")
     last = {}  # a resumed run repeats steps: keep the last rows of each (step, line)
     for r in rows:
@@ -454,7 +461,7 @@ def noise_auc(work: Path, run: str) -> dict[str, float]:
 def timings(folder: Path) -> dict[str, float]:
     """Seconds per job of a folder's timings.json (peg.run_all)."""
     path = folder / "timings.json"
-    found = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    found = read_json(path) if path.exists() else {}
     return {k: v["seconds"] for k, v in found.items()}
 
 
@@ -471,19 +478,16 @@ def clean_counterpart(run: str, best: str) -> str:
 def report(work: Path, smoke: bool) -> None:
     """The RESULTS.md section from the ledger alone (and data/noise.json, from prepare)."""
     records = ledger(work, smoke)
-    names = ["base", *RUNS, *TEACHER_RECORDS]
-    missing = [n for n in names if not (records / f"{study.folder_name(n)}.json").exists()]
-    if missing:
-        raise RuntimeError(f"no report yet: {records} lacks " + ", ".join(missing))
-    found = {n: read_json(records / f"{study.folder_name(n)}.json") for n in ["base", *RUNS]}
+    found = read_records(records, ["base", *RUNS], "the report")
+    teachers = read_records(records, list(TEACHER_RECORDS), "the report")
     evals = {name: record["eval"] for name, record in found.items()}
     aucs = {name: record["auc"] for name, record in found.items() if "auc" in record}
     walls = {k: v for record in found.values() for k, v in record["seconds"].items()}
     for name in TEACHER_RECORDS:
         noisy = SCORED[name][1]
-        teacher = read_json(records / f"{name}.json")["teacher"]["seconds"]
+        teacher = teachers[name]["teacher"]["seconds"]
         walls.update({f"{teacher_name(noisy)}/{k}": v for k, v in teacher.items()})
-    best = best_weighting(records)
+    best = best_weighting(found)
 
     def mean2(name: str) -> float:
         return sum(study.ndcg(evals[name], s) for s in QUALITY) / len(QUALITY)
@@ -560,7 +564,7 @@ def report(work: Path, smoke: bool) -> None:
         f"largest loss elsewhere {min(others):+.2f} (goal >= -0.5): "
         + ("**met**" if distill[0] >= 1.0 and min(others) >= -0.5 else "**missed**"),
     ]
-    prepared = json.loads((work / "data" / "noise.json").read_text(encoding="utf-8"))
+    prepared = read_json(work / "data" / "noise.json")
     noise_counts = ", ".join(
         f"{name.removesuffix('.jsonl')} {len(hit)}" for name, hit in prepared["corrupted"].items()
     )
