@@ -5,8 +5,9 @@ and what a reranker's guard and distillation add. One command, resumable, sized 
     python benchmarks/noise_study.py --smoke     # the whole pipeline, tiny, a few minutes
 
 ``--work`` (scratch files) defaults to ``bench/noise`` in peg-rag's cache directory; ``--lock``
-as in reproduce_peg.py. About 16 hours on 2 cores: 7 C runs of ~80 minutes (each step embeds
-448 texts), 2 A runs of ~30, 2 reranker runs of ~70, 10 evaluations of ~15, mining, scoring.
+as in reproduce_peg.py. About 8 hours on 2 cores, measured with nothing else running: 7 C runs
+of ~34 minutes (each step embeds 448 texts), 2 A runs of ~13, 2 reranker runs of ~70, 10
+evaluations of ~4.5, mining and scoring.
 
 That is more than one session on a machine that keeps nothing between sessions, so finished
 work goes into a ledger in git, ``benchmarks/noise_runs/`` (with ``--smoke``, in the work
