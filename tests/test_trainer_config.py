@@ -175,6 +175,7 @@ def test_shipped_peg_config_is_valid_and_has_the_paper_setting(tmp_path, train_f
     assert config.batch_size * (1 + config.hard_negatives) >= 80_000
     assert config.hard_negatives == 5
     assert config.progressive != "off"
+    assert config.weighting == "self_paced"  # chosen by the noise study (issue 14)
     assert config.temperature == 0.02
 
 
