@@ -476,133 +476,98 @@ def clean_counterpart(run: str, best: str) -> str:
     return f"clean {best}" if twin == "clean C-best" else twin
 
 
+# Differences the report gives with intervals: the readings against each other and against
+# plain InfoNCE, the cost of the noise to each, then what the teacher's guard and
+# distillation add. "C-best" is resolved to the winning weighting's run.
+COMPARISONS = [
+    ("noisy A", "clean A"),
+    ("noisy C-focal", "clean C-focal"),
+    ("noisy C-self", "clean C-self"),
+    ("noisy C-focal", "noisy A"),
+    ("noisy C-self", "noisy A"),
+    ("noisy C-self", "noisy C-focal"),
+    ("clean C-focal", "clean A"),
+    ("clean C-self", "clean A"),
+    ("noisy C-best + guard", "noisy C-best"),
+    ("noisy C-best + guard + distill", "noisy C-best + guard"),
+    ("noisy C-best + guard + distill", "noisy A"),
+    ("noisy C-best + guard + distill", "clean C-best + distill"),
+    ("clean C-best + distill", "clean C-best"),
+]
+
+
 def report(work: Path, smoke: bool) -> None:
     """The RESULTS.md section from the ledger alone (and data/noise.json, from prepare)."""
     records = ledger(work, smoke)
     found = read_records(records, ["base", *RUNS], "the report")
     teachers = read_records(records, list(TEACHER_RECORDS), "the report")
     evals = {name: record["eval"] for name, record in found.items()}
-    aucs = {name: record["auc"] for name, record in found.items() if "auc" in record}
     walls = {k: v for record in found.values() for k, v in record["seconds"].items()}
     for name in TEACHER_RECORDS:
         noisy = SCORED[name][1]
         teacher = teachers[name]["teacher"]["seconds"]
         walls.update({f"{teacher_name(noisy)}/{k}": v for k, v in teacher.items()})
     best = best_weighting(found)
+    resolve = {"noisy C-best": f"noisy {best}", "clean C-best": f"clean {best}"}
 
     def mean2(name: str) -> float:
         return sum(study.ndcg(evals[name], s) for s in QUALITY) / len(QUALITY)
 
-    table = [
-        "| run | " + " | ".join(RETRIEVAL_SETS) + " | mean kuake+cmedir | stsb-zh Spearman "
-        "| training wall time |",
-        "| --- | " + " | ".join("---:" for _ in RETRIEVAL_SETS) + " | ---: | ---: | ---: |",
-    ]
-    for name in evals:
-        wall = walls.get(f"train/{name}")
-        table.append(
-            f"| {name} | "
-            + " | ".join(f"{study.ndcg(evals[name], s):.2f}" for s in RETRIEVAL_SETS)
-            + f" | {mean2(name):.2f} | {study.spearman(evals[name]):.2f} | "
-            + (f"{wall / 60:.1f} min" if wall else "-")
-            + " |"
-        )
-    comparisons = [
-        ("clean C-focal", "clean A"),
-        ("clean C-self", "clean A"),
-        ("noisy C-focal", "noisy A"),
-        ("noisy C-self", "noisy A"),
-        ("noisy C-best + guard", "noisy A"),
-        ("noisy C-best + guard + distill", "noisy A"),
-        ("noisy C-best + guard + distill", "noisy C-best + guard"),
-        ("clean C-best + distill", f"clean {best}"),
-    ]
+    def compare(x: str, y: str, sets: tuple[str, ...] = QUALITY) -> study.Interval:
+        x, y = resolve.get(x, x), resolve.get(y, y)
+        if sets == (study.STSB,):
+            return study.spearman_difference(evals[x], evals[y])
+        return study.paired_difference(evals[x], evals[y], sets)
+
     diffs = [
         "| difference | mean kuake+cmedir | " + " | ".join(RETRIEVAL_SETS) + " | stsb-zh |",
         "| --- | ---: | " + " | ".join("---:" for _ in RETRIEVAL_SETS) + " | ---: |",
     ]
-    for x, y in comparisons:
-        cells = [study.paired_difference(evals[x], evals[y], QUALITY)]
-        cells += [study.difference(evals[x], evals[y], s) for s in (*RETRIEVAL_SETS, study.STSB)]
-        cells = [study.interval(c) for c in cells]
-        diffs.append(f"| {x} - {y} | " + " | ".join(cells) + " |")
-    auc_rows = ["| noisy run | AUC of its weights | AUC of p_positive | lines |"]
-    auc_rows.append("| --- | ---: | ---: | ---: |")
-    for run, found in aucs.items():
-        weighting = "-" if run == "noisy A" else f"{found['weight']:.3f}"
-        auc_rows.append(f"| {run} | {weighting} | {found['p_positive']:.3f} | {found['lines']} |")
-
-    noisy_runs = [run for run in RUNS if run.startswith("noisy") and run != "noisy A"]
-    winner = max(noisy_runs, key=mean2)
-    robust = study.paired_difference(evals[winner], evals["noisy A"], QUALITY)
-    clean_twin = clean_counterpart(winner, best)
-    clean_gain = mean2(clean_twin) - mean2("base")
-    kept = (mean2(winner) - mean2("base")) / clean_gain if clean_gain > 0 else 0.0
-    distill = study.paired_difference(
-        evals["clean C-best + distill"], evals[f"clean {best}"], QUALITY[:1]
-    )
-    others = [
-        study.paired_difference(evals["clean C-best + distill"], evals[f"clean {best}"], (s,))[0]
-        for s in RETRIEVAL_SETS[1:]
-    ]
-    others.append(
-        study.spearman_difference(evals["clean C-best + distill"], evals[f"clean {best}"])[0]
-    )
-    best_auc = max(
-        ((run, found["weight"]) for run, found in aucs.items() if run != "noisy A"),
-        key=lambda item: item[1],
-    )
-    focal_auc = aucs["noisy C-focal"]["weight"]
-    goals = [
-        f"- Noise detection: best AUC of a weighting {best_auc[1]:.3f} ({best_auc[0]}); focal "
-        f"{focal_auc:.3f}; goal >= 0.8: " + ("**met**" if best_auc[1] >= 0.8 else "**missed**"),
-        f"- Robustness: best noisy run ({winner}) - noisy A on mean kuake+cmedir: "
-        f"{study.interval(robust)}; goal: the interval above 0: "
-        + ("**met**" if robust[1] > 0 else "**missed**")
-        + f". It keeps {100 * kept:.0f}% of its clean counterpart's ({clean_twin}) gain over "
-        "the base model.",
-        f"- Distillation on clean data: kuake-qtr-dev {study.interval(distill)} (goal >= +1.0), "
-        f"largest loss elsewhere {min(others):+.2f} (goal >= -0.5): "
-        + ("**met**" if distill[0] >= 1.0 and min(others) >= -0.5 else "**missed**"),
-    ]
+    for x, y in COMPARISONS:
+        sets = (QUALITY, *((s,) for s in (*RETRIEVAL_SETS, study.STSB)))
+        cells = " | ".join(study.interval(compare(x, y, each)) for each in sets)
+        diffs.append(f"| {x} - {resolve.get(y, y)} | {cells} |")
     prepared = read_json(work / "data" / "noise.json")
     noise_counts = ", ".join(
         f"{name.removesuffix('.jsonl')} {len(hit)}" for name, hit in prepared["corrupted"].items()
     )
     plot_file = work / "noise_study.png" if smoke else Path(__file__).with_name("noise_study.png")
-    plot(evals, aucs, mean2, plot_file)
+    plot(evals, {n: r["auc"] for n, r in found.items() if "auc" in r}, mean2, plot_file)
     body = "\n".join(
         [
             header("Noisy labels (issue 14): progressive weighting, guard and distillation"),
             f"- Recipe: `python benchmarks/noise_study.py` (scratch files in `{work}`); "
-            "data, base model and configs as in the PEG ablation (reproduce_peg.py, "
-            "ablation-a.yaml and ablation-c.yaml); teachers: reproduce_reranker.py's recipe.",
+            "data, base model and budget as in the PEG ablation (reproduce_peg.py, 162 steps "
+            "of 64 queries; ablation-a.yaml is A, plain InfoNCE, and ablation-c.yaml is C, "
+            "full PEG); teachers: reproduce_reranker.py's recipe, the noisy one trained on "
+            "the same corrupted lines.",
             f"- Noise: {100 * NOISE:.0f}% of the queries (seeded per query text) get the "
             f"positives of another line of the same source, before mining; corrupted lines "
             f"per source: {noise_counts}.",
             f"- C-best: {best} ({' '.join(WEIGHTINGS[best])}), the better noisy C run on the "
-            "held-out validation queries. Distillation: "
-            f"`{' '.join(DISTILL)}` with the teacher's raw logits (teacher_temperature 1.0).",
+            "held-out validation queries. Guard: the noisy teacher's default rule in "
+            "`peg-rag mine --reranker` (drop candidates it scores above the line's "
+            f"positive). Distillation: `{' '.join(DISTILL)}` with the teacher's raw logits "
+            "(teacher_temperature 1.0).",
+            "- Columns: nDCG@10 x 100 (dense, max length 512) and stsb-zh Spearman x 100; "
+            "gain: the mean of kuake and cmedir over the base model's; kept: a noisy run's "
+            "gain as a share of its clean counterpart's; validation: the trainer's last mean "
+            "nDCG@10 on the held-out training queries (clean labels); AUC: how well a run's "
+            "per-line weights, and its softmax probability of the labelled positive "
+            "(`p_positive`), averaged over the second half of training, flag the corrupted "
+            "lines as the lower ones (0.5 is chance; A's weights are all equal).",
             f"- Intervals: paired bootstrap, {study.BOOTSTRAP_DRAWS} draws of the queries "
             f"({study.BOOTSTRAP_DRAWS // 4} of the stsb-zh pairs), 95%.",
             "",
-            "nDCG@10 x 100 (dense, max length 512), Spearman x 100:",
-            "",
-            *table,
+            *run_table(found, mean2, best),
             "",
             "Differences, x 100, with 95% intervals:",
             "",
             *diffs,
             "",
-            'Flagging the corrupted lines: AUC of "lower means corrupted" over each line\'s '
-            "mean in the second half of the weighting (0.5 is chance; focal's weights rank "
-            "the other way round by design):",
-            "",
-            *auc_rows,
-            "",
             "Goals:",
             "",
-            *goals,
+            *goal_lines(found, mean2, compare, best),
             "",
             "Wall times: " + "; ".join(f"{k} {v / 60:.1f} min" for k, v in walls.items()),
             "",
@@ -614,8 +579,70 @@ def report(work: Path, smoke: bool) -> None:
     update_section("noise_study", body)
 
 
+def run_table(found: dict[str, dict], mean2: Callable[[str], float], best: str) -> list[str]:
+    """One row per run: scores, gain over the base model, share of the clean gain kept,
+    validation, AUCs and training wall time."""
+    rows = [
+        "| run | " + " | ".join(RETRIEVAL_SETS) + " | stsb-zh | mean kuake+cmedir | gain | kept "
+        "| validation | AUC of weights | AUC of p_positive | train |",
+        "| --- |" + " ---: |" * (len(RETRIEVAL_SETS) + 8),
+    ]
+    for name, record in found.items():
+        evals = record["eval"]
+        gain = mean2(name) - mean2("base")
+        twin = clean_counterpart(name, best)
+        clean_gain = mean2(twin) - mean2("base") if name.startswith("noisy") else 0.0
+        auc = record.get("auc")
+        wall = record["seconds"].get(f"train/{name}")
+        cells = [f"{study.ndcg(evals, s):.2f}" for s in RETRIEVAL_SETS]
+        cells += [f"{study.spearman(evals):.2f}", f"{mean2(name):.2f}", f"{gain:+.2f}"]
+        cells += [
+            f"{100 * gain / clean_gain:.0f}%" if clean_gain > 0 else "-",
+            f"{record['validation']:.3f}" if "validation" in record else "-",
+            "-" if auc is None or name == "noisy A" else f"{auc['weight']:.3f}",
+            "-" if auc is None else f"{auc['p_positive']:.3f} ({auc['lines']} lines)",
+            f"{wall / 60:.1f} min" if wall else "-",
+        ]
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def goal_lines(
+    found: dict[str, dict],
+    mean2: Callable[[str], float],
+    compare: Callable[..., study.Interval],
+    best: str,
+) -> list[str]:
+    """The issue's three goals, each met or missed, from the ledger's numbers."""
+    aucs = {name: found[f"noisy {name}"]["auc"]["weight"] for name in WEIGHTINGS}
+    best_auc = max(aucs, key=lambda name: aucs[name])
+    noisy_runs = [run for run in RUNS if run.startswith("noisy") and run != "noisy A"]
+    winner = max(noisy_runs, key=mean2)
+    robust = compare(winner, "noisy A")
+    twin = clean_counterpart(winner, best)
+    kept = (mean2(winner) - mean2("base")) / (mean2(twin) - mean2("base"))
+    distill = compare("clean C-best + distill", "clean C-best", ("kuake-qtr-dev",))
+    others = [
+        compare("clean C-best + distill", "clean C-best", (s,))[0]
+        for s in (*RETRIEVAL_SETS[1:], study.STSB)
+    ]
+    return [
+        f"- Noise detection: best AUC of a weighting {aucs[best_auc]:.3f} ({best_auc}); focal "
+        f"{aucs['C-focal']:.3f}; goal >= 0.8: "
+        + ("**met**" if aucs[best_auc] >= 0.8 else "**missed**"),
+        f"- Robustness: best noisy run ({winner}) - noisy A on mean kuake+cmedir: "
+        f"{study.interval(robust)}; goal: the interval above 0: "
+        + ("**met**" if robust[1] > 0 else "**missed**")
+        + f". It keeps {100 * kept:.0f}% of its clean counterpart's ({twin}) gain over the "
+        "base model.",
+        f"- Distillation on clean data: kuake-qtr-dev {study.interval(distill)} (goal >= +1.0), "
+        f"largest loss elsewhere {min(others):+.2f} (goal >= -0.5): "
+        + ("**met**" if distill[0] >= 1.0 and min(others) >= -0.5 else "**missed**"),
+    ]
+
+
 def plot(evals: dict, aucs: dict, mean2: Callable[[str], float], target: Path) -> None:
-    """Mean kuake+cmedir nDCG@10 per run, and the noisy runs' AUCs."""
+    """Mean kuake+cmedir nDCG@10 per run, and the noisy weighted runs' AUCs."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -630,11 +657,16 @@ def plot(evals: dict, aucs: dict, mean2: Callable[[str], float], target: Path) -
     left.set_xlim(min(mean2(n) for n in names) - 2, max(mean2(n) for n in names) + 1)
     left.invert_yaxis()
     left.set_xlabel("mean nDCG@10 x 100, kuake-qtr-dev and cmedir-dev")
-    runs = list(aucs)
-    right.barh(runs, [aucs[r]["p_positive"] for r in runs], color="tab:red")
+    runs = [r for r in aucs if r != "noisy A"]
+    y = np.arange(len(runs))
+    right.barh(y - 0.2, [aucs[r]["weight"] for r in runs], 0.4, label="its weights")
+    right.barh(y + 0.2, [aucs[r]["p_positive"] for r in runs], 0.4, label="p_positive")
+    right.set_yticks(y, runs)
     right.axvline(0.5, color="black", linewidth=0.8)
+    right.set_xlim(0, 1.35)  # room for the legend
     right.invert_yaxis()
-    right.set_xlabel("AUC of p_positive at flagging corrupted lines (0.5 = chance)")
+    right.legend(loc="lower right")
+    right.set_xlabel("AUC at flagging the corrupted lines (0.5 = chance)")
     fig.tight_layout()
     fig.savefig(target, dpi=110)
     plt.close(fig)
