@@ -663,9 +663,8 @@ def plot(evals: dict, aucs: dict, mean2: Callable[[str], float], target: Path) -
     right.barh(y + 0.2, [aucs[r]["p_positive"] for r in runs], 0.4, label="p_positive")
     right.set_yticks(y, runs)
     right.axvline(0.5, color="black", linewidth=0.8)
-    right.set_xlim(0, 1.35)  # room for the legend
     right.invert_yaxis()
-    right.legend(loc="lower right")
+    right.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
     right.set_xlabel("AUC at flagging the corrupted lines (0.5 = chance)")
     fig.tight_layout()
     fig.savefig(target, dpi=110)
