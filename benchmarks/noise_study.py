@@ -515,8 +515,8 @@ def report(work: Path, smoke: bool) -> None:
 
     def compare(x: str, y: str, sets: tuple[str, ...] = QUALITY) -> study.Interval:
         x, y = resolve.get(x, x), resolve.get(y, y)
-        if sets == (study.STSB,):
-            return study.spearman_difference(evals[x], evals[y])
+        if len(sets) == 1:  # one set: its own metric (Spearman for stsb-zh)
+            return study.difference(evals[x], evals[y], sets[0])
         return study.paired_difference(evals[x], evals[y], sets)
 
     diffs = [
@@ -579,6 +579,15 @@ def report(work: Path, smoke: bool) -> None:
     update_section("noise_study", body)
 
 
+def kept_share(name: str, best: str, mean2: Callable[[str], float]) -> float | None:
+    """A noisy run's gain over the base model as a share of its clean counterpart's; None
+    for clean runs, or when the clean run gained nothing."""
+    if not name.startswith("noisy"):
+        return None
+    clean_gain = mean2(clean_counterpart(name, best)) - mean2("base")
+    return (mean2(name) - mean2("base")) / clean_gain if clean_gain > 0 else None
+
+
 def run_table(found: dict[str, dict], mean2: Callable[[str], float], best: str) -> list[str]:
     """One row per run: scores, gain over the base model, share of the clean gain kept,
     validation, AUCs and training wall time."""
@@ -590,14 +599,13 @@ def run_table(found: dict[str, dict], mean2: Callable[[str], float], best: str) 
     for name, record in found.items():
         evals = record["eval"]
         gain = mean2(name) - mean2("base")
-        twin = clean_counterpart(name, best)
-        clean_gain = mean2(twin) - mean2("base") if name.startswith("noisy") else 0.0
+        kept = kept_share(name, best, mean2)
         auc = record.get("auc")
         wall = record["seconds"].get(f"train/{name}")
         cells = [f"{study.ndcg(evals, s):.2f}" for s in RETRIEVAL_SETS]
         cells += [f"{study.spearman(evals):.2f}", f"{mean2(name):.2f}", f"{gain:+.2f}"]
         cells += [
-            f"{100 * gain / clean_gain:.0f}%" if clean_gain > 0 else "-",
+            "-" if kept is None else f"{100 * kept:.0f}%",
             f"{record['validation']:.3f}" if "validation" in record else "-",
             "-" if auc is None or name == "noisy A" else f"{auc['weight']:.3f}",
             "-" if auc is None else f"{auc['p_positive']:.3f} ({auc['lines']} lines)",
@@ -619,8 +627,7 @@ def goal_lines(
     noisy_runs = [run for run in RUNS if run.startswith("noisy") and run != "noisy A"]
     winner = max(noisy_runs, key=mean2)
     robust = compare(winner, "noisy A")
-    twin = clean_counterpart(winner, best)
-    kept = (mean2(winner) - mean2("base")) / (mean2(twin) - mean2("base"))
+    kept = kept_share(winner, best, mean2) or 0.0
     distill = compare("clean C-best + distill", "clean C-best", ("kuake-qtr-dev",))
     others = [
         compare("clean C-best + distill", "clean C-best", (s,))[0]
@@ -633,8 +640,8 @@ def goal_lines(
         f"- Robustness: best noisy run ({winner}) - noisy A on mean kuake+cmedir: "
         f"{study.interval(robust)}; goal: the interval above 0: "
         + ("**met**" if robust[1] > 0 else "**missed**")
-        + f". It keeps {100 * kept:.0f}% of its clean counterpart's ({twin}) gain over the "
-        "base model.",
+        + f". It keeps {100 * kept:.0f}% of its clean counterpart's "
+        f"({clean_counterpart(winner, best)}) gain over the base model.",
         f"- Distillation on clean data: kuake-qtr-dev {study.interval(distill)} (goal >= +1.0), "
         f"largest loss elsewhere {min(others):+.2f} (goal >= -0.5): "
         + ("**met**" if distill[0] >= 1.0 and min(others) >= -0.5 else "**missed**"),
